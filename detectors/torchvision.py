@@ -1,0 +1,976 @@
+"""torchvision detectors (FCOS, RetinaNet, Faster R-CNN) behind the harness's two views.
+
+The post-processing below is torchvision's own (same thresholds, same order of operations,
+so the same boxes, scores and labels) with the indices kept: which level, cell, anchor,
+class and proposal produced each detection.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import detection as tvd
+from torchvision.models.detection import _utils as det_utils
+from torchvision.models.detection.image_list import ImageList
+from torchvision.ops import boxes as box_ops
+from torchvision.ops import roi_align
+from xaibench.detectors.geometry import InputGeometry
+from xaibench.detectors.local_head import Branch, LocalConvHead, flatten_tower, gather_windows
+
+from xaibench.detector import Detector, FeatureWindows, GradientMode, WhiteBoxTrace
+from xaibench.images import to_rgb_uint8
+from xaibench.registry import DETECTORS
+from xaibench.types import Detections, Provenance, Target
+
+COCO_CLASS_NAMES: list[str] = [
+    str(name) for name in tvd.FasterRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"]
+]
+
+
+def box_edges(boxes: torch.Tensor) -> torch.Tensor:
+    """Box edges measured outwards (-x1, -y1, x2, y2): the values box targets explain."""
+    return boxes * boxes.new_tensor([-1.0, -1.0, 1.0, 1.0])
+
+
+class TorchvisionDetector(Detector):
+    """Common plumbing: input conversion, transform, backbone, geometry, black-box batching."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        class_names: Sequence[str] | None = None,
+        name: str = "torchvision",
+        device: torch.device | str | None = None,
+    ) -> None:
+        self.model = model.eval()
+        self.device = torch.device(device) if device is not None else _model_device(model)
+        self.model.to(self.device)
+        self.name = name
+        num_classes = self._num_classes()
+        if class_names is None:
+            class_names = (
+                COCO_CLASS_NAMES
+                if num_classes == len(COCO_CLASS_NAMES)
+                else [f"class{i}" for i in range(num_classes)]
+            )
+        if len(class_names) != num_classes:
+            raise ValueError(
+                f"class_names has {len(class_names)} entries but the model predicts "
+                f"{num_classes} classes (index 0 is the background)"
+            )
+        self.class_names = list(class_names)
+        self.feature_levels: list[str] = []
+
+    # -- subclasses -----------------------------------------------------------------
+    def _num_classes(self) -> int:
+        raise NotImplementedError
+
+    def _detect_batch(self, images: ImageList, geometry: list[InputGeometry], nms: bool):
+        raise NotImplementedError
+
+    # -- shared ---------------------------------------------------------------------
+    def _to_tensors(self, images: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        out = []
+        for i, image in enumerate(images):
+            rgb = to_rgb_uint8(image, name=f"images[{i}]")
+            t = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)
+            out.append(t.to(self.device, dtype=torch.float32).div_(255.0))
+        return out
+
+    def _prepare(self, images: Sequence[np.ndarray]) -> tuple[ImageList, list[InputGeometry]]:
+        tensors = self._to_tensors(images)
+        image_list, _ = self.model.transform(tensors)
+        padded = tuple(image_list.tensors.shape[-2:])
+        geometry = [
+            InputGeometry(tuple(t.shape[-2:]), tuple(size), padded)
+            for t, size in zip(tensors, image_list.image_sizes, strict=True)
+        ]
+        return image_list, geometry
+
+    def _features(self, image_list: ImageList) -> OrderedDict[str, torch.Tensor]:
+        features = self.model.backbone(image_list.tensors)
+        if isinstance(features, torch.Tensor):
+            features = OrderedDict([("0", features)])
+        # pyramid levels double their stride: name them p<k> from the finest one's stride
+        padded_h = image_list.tensors.shape[-2]
+        first = round(math.log2(padded_h / next(iter(features.values())).shape[-2]))
+        self.feature_levels = [f"p{first + i}" for i in range(len(features))]
+        return features
+
+    @torch.no_grad()
+    def detect(
+        self, images: Sequence[np.ndarray], batch_size: int = 8, nms: bool = True
+    ) -> list[Detections]:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        results: list[Detections] = []
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            image_list, geometry = self._prepare(chunk)
+            results.extend(self._detect_batch(image_list, geometry, nms))
+        return results
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------------
+# One-stage: FCOS and RetinaNet
+# ----------------------------------------------------------------------------------
+
+
+class OneStageDetector(TorchvisionDetector):
+    """FCOS or RetinaNet. Provenance: level, cell (y, x), anchor, class.
+
+    ``exact_level_cells``: levels of at most this many cells are back-propagated exactly
+    on the fast path when the head uses GroupNorm (see ``local_head``).
+    """
+
+    def __init__(
+        self, model: tvd.FCOS | tvd.RetinaNet, exact_level_cells: int = 256, **kwargs: Any
+    ) -> None:
+        super().__init__(model, **kwargs)
+        self.exact_level_cells = exact_level_cells
+        head = model.head
+        self.is_fcos = isinstance(model, tvd.FCOS)
+        reg_outputs = {"bbox_reg": head.regression_head.bbox_reg}
+        if self.is_fcos:
+            reg_outputs["bbox_ctrness"] = head.regression_head.bbox_ctrness
+        self.local_head = LocalConvHead(
+            {
+                "cls": Branch(
+                    flatten_tower(head.classification_head.conv),
+                    {"cls_logits": head.classification_head.cls_logits},
+                ),
+                "reg": Branch(flatten_tower(head.regression_head.conv), reg_outputs),
+            }
+        )
+        self.num_anchors = head.classification_head.num_anchors
+
+    def _num_classes(self) -> int:
+        return int(self.model.head.classification_head.num_classes)
+
+    # raw head outputs, one (N, C_out, h, w) map per output and level
+    def _head(self, features: list[torch.Tensor], record: bool) -> list[dict[str, torch.Tensor]]:
+        self.local_head.records = {name: [] for name in self.local_head.branches}
+        return [self.local_head.forward_level(f, record) for f in features]
+
+    def _split_raw(self, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per-location outputs in torchvision's flat order (N, h*w*A, C) for one level."""
+        a = self.num_anchors
+        out = {}
+        for key, value in raw.items():
+            n, c, h, w = value.shape
+            out[key] = value.view(n, a, c // a, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, c // a)
+        return out
+
+    def _scores(self, flat: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per-class scores (..., K), torchvision's formula."""
+        if self.is_fcos:
+            return torch.sqrt(
+                torch.sigmoid(flat["cls_logits"]) * torch.sigmoid(flat["bbox_ctrness"])
+            )
+        return torch.sigmoid(flat["cls_logits"])
+
+    def _decode(self, reg: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+        if self.is_fcos:
+            reg = F.relu(reg)  # FCOSHead applies ReLU to the regression output
+            return self.model.box_coder.decode(reg, anchors)
+        return self.model.box_coder.decode_single(reg, anchors)
+
+    def _detect_batch(self, image_list, geometry, nms):
+        features = list(self._features(image_list).values())
+        raw = self._head(features, record=False)
+        anchors = self.model.anchor_generator(image_list, features)
+        return [
+            self._postprocess(raw, anchors[i], geometry[i], i, nms) for i in range(len(geometry))
+        ]
+
+    def _postprocess(
+        self,
+        raw: list[dict[str, torch.Tensor]],
+        anchors: torch.Tensor,
+        geometry: InputGeometry,
+        index: int,
+        nms: bool = True,
+    ) -> Detections:
+        """torchvision's ``postprocess_detections`` for one image, keeping the indices."""
+        m = self.model
+        image_shape = geometry.resized
+        sizes = [
+            r["cls_logits"].shape[-2] * r["cls_logits"].shape[-1] * self.num_anchors for r in raw
+        ]
+        anchors_per_level = anchors.split(sizes)
+        boxes, scores, labels, probs, objness, prov = [], [], [], [], [], []
+        for level, (level_raw, level_anchors) in enumerate(
+            zip(raw, anchors_per_level, strict=True)
+        ):
+            flat = {k: v[index] for k, v in self._split_raw(level_raw).items()}
+            class_scores = self._scores(flat)  # (h*w*A, K)
+            num_classes = class_scores.shape[-1]
+            scores_per_level = class_scores.flatten()
+            keep_idxs = scores_per_level > m.score_thresh
+            scores_per_level = scores_per_level[keep_idxs]
+            topk_idxs = torch.where(keep_idxs)[0]
+            num_topk = det_utils._topk_min(topk_idxs, m.topk_candidates, 0)
+            scores_per_level, idxs = scores_per_level.topk(num_topk)
+            topk_idxs = topk_idxs[idxs]
+            anchor_idxs = torch.div(topk_idxs, num_classes, rounding_mode="floor")
+            labels_per_level = topk_idxs % num_classes
+            boxes_per_level = self._decode(
+                flat["bbox_reg"][anchor_idxs], level_anchors[anchor_idxs]
+            )
+            boxes_per_level = box_ops.clip_boxes_to_image(boxes_per_level, image_shape)
+            w = level_raw["cls_logits"].shape[-1]
+            cell = torch.div(anchor_idxs, self.num_anchors, rounding_mode="floor")
+            boxes.append(boxes_per_level)
+            scores.append(scores_per_level)
+            labels.append(labels_per_level)
+            probs.append(class_scores[anchor_idxs])
+            if self.is_fcos:
+                objness.append(torch.sigmoid(flat["bbox_ctrness"][anchor_idxs, 0]))
+            prov.append(
+                (
+                    torch.full_like(anchor_idxs, level),
+                    torch.div(cell, w, rounding_mode="floor"),
+                    cell % w,
+                    anchor_idxs % self.num_anchors,
+                    labels_per_level,
+                )
+            )
+        image_boxes = torch.cat(boxes)
+        image_scores = torch.cat(scores)
+        image_labels = torch.cat(labels)
+        if nms:
+            keep = box_ops.batched_nms(image_boxes, image_scores, image_labels, m.nms_thresh)
+            keep = keep[: m.detections_per_img]
+        else:
+            keep = torch.arange(len(image_scores), device=image_scores.device)
+        level, y, x, anchor, cls = (torch.cat(p)[keep] for p in zip(*prov, strict=True))
+        return Detections(
+            boxes=geometry.boxes_to_original(image_boxes[keep]),
+            scores=image_scores[keep],
+            labels=image_labels[keep],
+            class_probs=torch.cat(probs)[keep],
+            objectness=torch.cat(objness)[keep] if objness else None,
+            provenance=Provenance(level=level, y=y, x=x, anchor=anchor, class_index=cls),
+            image_size=geometry.original,
+        )
+
+    def trace(self, image: np.ndarray) -> OneStageTrace:
+        return OneStageTrace(self, image)
+
+
+class _BaseTrace(WhiteBoxTrace):
+    """Shared by both families: layer lookup, the exact (per-target autograd) reference and
+    placing layer maps in the original image."""
+
+    def __init__(self, detector: TorchvisionDetector, image: np.ndarray) -> None:
+        self.detector = detector
+        with torch.no_grad():
+            self.image_list, (self.geometry,) = detector._prepare([image])
+        self.image_size = self.geometry.original
+
+    # names -----------------------------------------------------------------------
+    def layer_names(self) -> list[str]:
+        body = getattr(self.detector.model.backbone, "body", None)
+        stages = [f"backbone.{n}" for n, _ in body.named_children()] if body is not None else []
+        return ["fpn", *self.detector.feature_levels, *stages]
+
+    def _module_for(self, layer: str) -> nn.Module:
+        model = self.detector.model
+        if layer.startswith("module:"):
+            path = layer.removeprefix("module:")
+        elif layer.startswith("backbone."):
+            path = "backbone.body." + layer.removeprefix("backbone.")
+        else:
+            raise KeyError(
+                f"unknown layer {layer!r}; known: {', '.join(self.layer_names())}, "
+                "or 'module:<dotted.name>'"
+            )
+        try:
+            return model.get_submodule(path)
+        except AttributeError as err:
+            raise KeyError(f"layer {layer!r}: the model has no module {path!r}") from err
+
+    def _check(self, targets: Sequence[Target]) -> None:
+        n = len(self.detections)
+        for t in targets:
+            if t.attribute == "combined":
+                raise ValueError(
+                    "expand 'combined' targets first (xaibench.detector.expand_targets)"
+                )
+            if t.index >= n:
+                raise IndexError(f"target index {t.index} out of range: {n} detections")
+
+    # exact reference ---------------------------------------------------------------
+    def _graph_forward(self, hook_layer: str | None) -> tuple[dict[str, torch.Tensor], Any]:
+        """Forward with the autograd graph; returns named layer tensors and the head state."""
+        captured: dict[str, torch.Tensor] = {}
+        handle = None
+        if hook_layer is not None:
+
+            def hook(_m: nn.Module, _i: Any, output: Any) -> None:
+                t = output if isinstance(output, torch.Tensor) else None
+                if t is None and isinstance(output, dict):
+                    t = next(iter(output.values()))
+                if t is None:
+                    raise TypeError(f"layer {hook_layer!r} does not output a tensor")
+                captured[hook_layer] = t
+
+            handle = self._module_for(hook_layer).register_forward_hook(hook)
+        try:
+            with torch.enable_grad():
+                features = self.detector._features(self.image_list)
+                state = self._graph_state(features)
+        finally:
+            if handle is not None:
+                handle.remove()
+        for name, f in zip(self.detector.feature_levels, features.values(), strict=True):
+            captured[name] = f
+        return captured, state
+
+    def _exact(self, targets: Sequence[Target], layer: str) -> list[FeatureWindows]:
+        hook = None if layer == "fpn" or layer in self.detector.feature_levels else layer
+        tensors, state = self._graph_forward(hook)
+        values = self._graph_values(state, targets)
+        groups: dict[str, list[int]] = {}
+        for i, t in enumerate(targets):
+            groups.setdefault(self._target_layer(t, layer), []).append(i)
+        out = []
+        for name, rows in groups.items():
+            a = tensors[name]
+            if a.dim() != 4 or a.shape[0] != 1:
+                raise ValueError(
+                    f"layer {name!r} has shape {tuple(a.shape)}; expected (1, C, h, w)"
+                )
+            grads = [
+                torch.autograd.grad(values[i], a, retain_graph=True, allow_unused=True)[0]
+                for i in rows
+            ]
+            grads = [torch.zeros_like(a) if g is None else g for g in grads]
+            out.append(self._windows(name, rows, targets, a.detach()[0], torch.cat(grads).detach()))
+        return out
+
+    def _windows(
+        self,
+        layer: str,
+        rows: list[int],
+        targets: Sequence[Target],
+        activation: torch.Tensor,
+        gradients: torch.Tensor,
+        origin: torch.Tensor | None = None,
+        windows: torch.Tensor | None = None,
+    ) -> FeatureWindows:
+        """Windows on a spatial layer; without ``windows`` the window is the whole layer."""
+        layer_size = (int(activation.shape[-2]), int(activation.shape[-1]))
+        idx = torch.tensor(rows, dtype=torch.long)
+        det = torch.tensor([targets[i].index for i in rows], dtype=torch.long)
+        boxes = self.detections.boxes[det.to(self.detections.boxes.device)]
+        if windows is None:
+            windows = activation[None].expand(len(rows), -1, -1, -1)
+            origin = torch.zeros(len(rows), 2, dtype=torch.long)
+        return FeatureWindows(
+            layer=layer,
+            target_index=idx,
+            activations=windows,
+            gradients=gradients,
+            origin=origin,
+            layer_size=layer_size,
+            boxes_on_layer=self.geometry.boxes_to_layer(boxes, layer_size),
+        )
+
+    def _margin(
+        self, margin, rows: list[int], targets: Sequence[Target], fmap: torch.Tensor
+    ) -> int:
+        """``margin`` in cells, or computed from the targets' boxes on this layer."""
+        if not callable(margin):
+            return int(margin)
+        det = torch.tensor([targets[i].index for i in rows], dtype=torch.long)
+        layer_size = (int(fmap.shape[-2]), int(fmap.shape[-1]))
+        return int(margin(self.geometry.boxes_to_layer(self.detections.boxes[det], layer_size)))
+
+    def _target_layer(self, target: Target, layer: str) -> str:
+        if layer == "fpn":
+            level = int(self.detections.provenance.level[target.index])
+            return self.detector.feature_levels[level]
+        return layer
+
+    def to_image(self, windows: FeatureWindows, maps: torch.Tensor) -> torch.Tensor:
+        if windows.roi_boxes is not None:
+            return self.geometry.boxes_grid_to_original(maps, windows.roi_boxes)
+        h, w = windows.layer_size
+        canvas = maps.new_zeros(maps.shape[0], h, w)
+        wh, ww = maps.shape[-2:]
+        for i in range(maps.shape[0]):
+            y0, x0 = (int(v) for v in windows.origin[i])
+            ys, xs = max(y0, 0), max(x0, 0)
+            ye, xe = min(y0 + wh, h), min(x0 + ww, w)
+            if ye > ys and xe > xs:
+                canvas[i, ys:ye, xs:xe] = maps[i, ys - y0 : ye - y0, xs - x0 : xe - x0]
+        return self.geometry.layer_to_original(canvas)
+
+    def gradients(
+        self,
+        targets: Sequence[Target],
+        layer: str = "fpn",
+        mode: GradientMode = "fast",
+        margin: int | Callable[[torch.Tensor], int] = 0,
+    ) -> list[FeatureWindows]:
+        self._check(targets)
+        if mode not in ("fast", "exact"):
+            raise ValueError(f"mode must be 'fast' or 'exact', got {mode!r}")
+        if not targets:
+            return []
+        if mode == "fast" and self._has_fast_path(layer):
+            return self._fast(targets, layer, margin)
+        return self._exact(targets, layer)
+
+    def target_values(self, targets: Sequence[Target]) -> torch.Tensor:
+        self._check(targets)
+        with torch.no_grad():
+            features = self.detector._features(self.image_list)
+            state = self._graph_state(features)
+            return self._graph_values(state, targets)
+
+    # family-specific -------------------------------------------------------------
+    def _has_fast_path(self, layer: str) -> bool:
+        raise NotImplementedError
+
+    def _fast(self, targets: Sequence[Target], layer: str, margin: int) -> list[FeatureWindows]:
+        raise NotImplementedError
+
+    def _graph_state(self, features: OrderedDict[str, torch.Tensor]) -> Any:
+        raise NotImplementedError
+
+    def _graph_values(self, state: Any, targets: Sequence[Target]) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class OneStageTrace(_BaseTrace):
+    """FCOS / RetinaNet trace. Fast path on the FPN levels: each prediction depends on a
+    small window of its level, back-propagated for all predictions at once."""
+
+    detector: OneStageDetector
+
+    def __init__(self, detector: OneStageDetector, image: np.ndarray) -> None:
+        super().__init__(detector, image)
+        with torch.no_grad():
+            self.features = list(detector._features(self.image_list).values())
+            self.raw = detector._head(self.features, record=True)
+            self.records = detector.local_head.records
+            self.anchors = detector.model.anchor_generator(self.image_list, self.features)[0]
+            self.detections = detector._postprocess(self.raw, self.anchors, self.geometry, 0)
+        sizes = [f.shape[-2] * f.shape[-1] * detector.num_anchors for f in self.features]
+        self.anchor_offsets = torch.tensor([0, *sizes]).cumsum(0)
+
+    def _has_fast_path(self, layer: str) -> bool:
+        return layer == "fpn" or layer in self.detector.feature_levels
+
+    def _target_info(self, targets: Sequence[Target]):
+        p = self.detections.provenance
+        det = torch.tensor([t.index for t in targets], dtype=torch.long, device=p.level.device)
+        return p.level[det], p.y[det], p.x[det], p.anchor[det], p.class_index[det]
+
+    def _values_from_cells(
+        self,
+        cells: dict[str, torch.Tensor],
+        targets: Sequence[Target],
+        level: torch.Tensor,
+        y: torch.Tensor,
+        x: torch.Tensor,
+        anchor: torch.Tensor,
+        cls: torch.Tensor,
+    ) -> torch.Tensor:
+        """Target values from each target's raw head outputs at its cell ({name: (T, C_out)})."""
+        det = self.detector
+        a = det.num_anchors
+        rows = torch.arange(len(targets), device=level.device)
+        flat = {
+            name: v.view(len(targets), a, -1)[rows, anchor] for name, v in cells.items()
+        }  # (T, C_out / A)
+        scores = det._scores(flat)[rows, cls]
+        w = torch.tensor([self.features[int(lv)].shape[-1] for lv in level], device=level.device)
+        anchor_index = self.anchor_offsets.to(level.device)[level] + (y * w + x) * a + anchor
+        boxes = det._decode(flat["bbox_reg"], self.anchors[anchor_index])
+        edges = box_edges(self.geometry.boxes_to_original(boxes))
+        attr = {
+            "score": scores,
+            "x1": edges[:, 0],
+            "y1": edges[:, 1],
+            "x2": edges[:, 2],
+            "y2": edges[:, 3],
+        }
+        return torch.stack([attr[t.attribute][i] for i, t in enumerate(targets)])
+
+    def _graph_state(self, features):
+        return list(features.values()), self.detector._head(list(features.values()), record=False)
+
+    def _graph_values(self, state, targets):
+        _, raw = state
+        level, y, x, anchor, cls = self._target_info(targets)
+        cells = self._cells(raw, level, y, x)
+        return self._values_from_cells(cells, targets, level, y, x, anchor, cls)
+
+    def _cells(self, raw, level, y, x) -> dict[str, torch.Tensor]:
+        names = raw[0].keys()
+        return {
+            name: torch.stack(
+                [
+                    raw[int(lv)][name][0, :, int(yy), int(xx)]
+                    for lv, yy, xx in zip(level, y, x, strict=True)
+                ]
+            )
+            for name in names
+        }
+
+    def _fast(self, targets, layer, margin):
+        level, y, x, anchor, cls = self._target_info(targets)
+        cells = {
+            k: v.detach().requires_grad_(True)
+            for k, v in self._cells(self.raw, level, y, x).items()
+        }
+        with torch.enable_grad():
+            values = self._values_from_cells(cells, targets, level, y, x, anchor, cls)
+            names = list(cells)
+            grads = torch.autograd.grad(values.sum(), [cells[n] for n in names], allow_unused=True)
+        cot = {n: g for n, g in zip(names, grads, strict=True) if g is not None}
+        head = self.detector.local_head
+        r = head.radius
+        out = []
+        if layer == "fpn":
+            groups = [(lv, torch.where(level == lv)[0]) for lv in level.unique().tolist()]
+        else:  # predictions of other levels have no gradient on this one
+            groups = [(self.detector.feature_levels.index(layer), torch.arange(len(targets)))]
+        for lv, rows in groups:
+            own = level[rows] == lv
+            ys, xs = torch.where(own, y[rows], 0), torch.where(own, x[rows], 0)
+            cot_rows = {n: c[rows] * own[:, None] for n, c in cot.items()}
+            feat = self.features[int(lv)][0]
+            pad = self._margin(margin, rows.tolist(), targets, feat)
+            h, w = feat.shape[-2:]
+            if head.has_group_norm and h * w <= self.detector.exact_level_cells:
+                g = F.pad(head.level_gradients(feat[None], ys, xs, cot_rows), (pad,) * 4)
+                acts = F.pad(feat, (pad,) * 4)[None].expand(len(rows), -1, -1, -1)
+                origin = torch.full((len(rows), 2), -pad, dtype=torch.long)
+            else:
+                g = F.pad(head.window_gradients(int(lv), ys, xs, cot_rows), (pad,) * 4)
+                acts = gather_windows(feat, ys, xs, r + pad)
+                origin = torch.stack((ys, xs), 1).cpu() - (r + pad)
+            out.append(
+                self._windows(
+                    self.detector.feature_levels[int(lv)],
+                    rows.tolist(),
+                    targets,
+                    feat,
+                    g,
+                    origin=origin,
+                    windows=acts,
+                )
+            )
+        return out
+
+
+# ----------------------------------------------------------------------------------
+# Two-stage: Faster R-CNN
+# ----------------------------------------------------------------------------------
+
+
+class FasterRCNNDetector(TorchvisionDetector):
+    """Faster R-CNN. Provenance: the RoI (proposal index and box), its FPN level and the
+    cell of the RoI centre on that level, and the class; objectness is the RPN score."""
+
+    def __init__(self, model: tvd.FasterRCNN, **kwargs: Any) -> None:
+        super().__init__(model, **kwargs)
+
+    def _num_classes(self) -> int:
+        return int(self.model.roi_heads.box_predictor.cls_score.out_features)
+
+    def _proposals(self, image_list: ImageList, features: OrderedDict[str, torch.Tensor]):
+        """The RPN's proposals and their objectness, exactly as ``RegionProposalNetwork``."""
+        rpn = self.model.rpn
+        feats = list(features.values())
+        objectness, deltas = rpn.head(feats)
+        anchors = rpn.anchor_generator(image_list, feats)
+        num_anchors_per_level = [o[0].numel() for o in objectness]
+        objectness, deltas = tvd.rpn.concat_box_prediction_layers(objectness, deltas)
+        proposals = rpn.box_coder.decode(deltas.detach(), anchors).view(len(anchors), -1, 4)
+        return rpn.filter_proposals(
+            proposals, objectness.detach(), image_list.image_sizes, num_anchors_per_level
+        )
+
+    def _box_outputs(self, features, proposals: list[torch.Tensor], image_sizes):
+        heads = self.model.roi_heads
+        pooled = heads.box_roi_pool(features, proposals, image_sizes)
+        return pooled, *self._predict(pooled)
+
+    def _predict(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        heads = self.model.roi_heads
+        return heads.box_predictor(heads.box_head(pooled))
+
+    def _pooled_keys(self) -> list[str]:
+        """The feature keys RoIAlign pools from, in the order it sees them."""
+        names = self.model.roi_heads.box_roi_pool.featmap_names
+        return [k for k in self._feature_keys if k in names]
+
+    def _roi_levels(self, boxes: torch.Tensor) -> torch.Tensor:
+        """Index into ``feature_levels`` of the level each RoI (resized pixels) is pooled from."""
+        pool = self.model.roi_heads.box_roi_pool
+        keys = torch.tensor([self._feature_keys.index(k) for k in self._pooled_keys()])
+        if pool.map_levels is None:  # a single pooled level
+            return keys[0].repeat(len(boxes)).to(boxes.device)
+        return keys.to(boxes.device)[pool.map_levels([boxes])]
+
+    def _features(self, image_list):
+        features = super()._features(image_list)
+        self._feature_keys = list(features.keys())
+        return features
+
+    def _detect_batch(self, image_list, geometry, nms):
+        features = self._features(image_list)
+        proposals, objectness = self._proposals(image_list, features)
+        _, logits, regression = self._box_outputs(features, proposals, image_list.image_sizes)
+        counts = [len(p) for p in proposals]
+        return [
+            self._postprocess(lg, r, p, o, g, features, nms)
+            for lg, r, p, o, g in zip(
+                logits.split(counts),
+                regression.split(counts),
+                proposals,
+                objectness,
+                geometry,
+                strict=True,
+            )
+        ]
+
+    def _postprocess(
+        self,
+        logits: torch.Tensor,
+        regression: torch.Tensor,
+        proposals: torch.Tensor,
+        objectness: torch.Tensor,
+        geometry: InputGeometry,
+        features: OrderedDict[str, torch.Tensor],
+        nms: bool = True,
+    ) -> Detections:
+        """torchvision's ``RoIHeads.postprocess_detections`` for one image, keeping indices."""
+        heads = self.model.roi_heads
+        num_classes = logits.shape[-1]
+        pred_boxes = heads.box_coder.decode(regression, [proposals])
+        probs = F.softmax(logits, -1)
+        boxes = box_ops.clip_boxes_to_image(pred_boxes, geometry.resized)
+        labels = torch.arange(num_classes, device=logits.device).view(1, -1).expand_as(probs)
+        proposal_idx = torch.arange(len(proposals), device=logits.device)[:, None].expand_as(probs)
+        boxes, scores = boxes[:, 1:].reshape(-1, 4), probs[:, 1:].reshape(-1)
+        labels, proposal_idx = labels[:, 1:].reshape(-1), proposal_idx[:, 1:].reshape(-1)
+        inds = torch.where(scores > heads.score_thresh)[0]
+        keep = box_ops.remove_small_boxes(boxes[inds], min_size=1e-2)
+        inds = inds[keep]
+        if nms:
+            keep = box_ops.batched_nms(boxes[inds], scores[inds], labels[inds], heads.nms_thresh)
+            inds = inds[keep[: heads.detections_per_img]]
+        boxes, scores, labels, proposal_idx = (
+            boxes[inds],
+            scores[inds],
+            labels[inds],
+            proposal_idx[inds],
+        )
+        rois = proposals[proposal_idx]
+        level = self._roi_levels(rois)
+        feats = list(features.values())
+        stride = torch.tensor(
+            [geometry.padded[0] / feats[int(lv)].shape[-2] for lv in level], device=rois.device
+        )
+        centre = (rois[:, :2] + rois[:, 2:]) / 2
+        cells = torch.div(centre, stride[:, None], rounding_mode="floor").long()
+        return Detections(
+            boxes=geometry.boxes_to_original(boxes),
+            scores=scores,
+            labels=labels,
+            class_probs=probs[proposal_idx],
+            objectness=objectness[proposal_idx],
+            provenance=Provenance(
+                level=level,
+                y=cells[:, 1],
+                x=cells[:, 0],
+                anchor=torch.zeros_like(labels),
+                class_index=labels,
+                proposal=proposal_idx,
+                proposal_box=geometry.boxes_to_original(rois),
+            ),
+            image_size=geometry.original,
+        )
+
+    def trace(self, image: np.ndarray) -> FasterRCNNTrace:
+        return FasterRCNNTrace(self, image)
+
+
+class FasterRCNNTrace(_BaseTrace):
+    """Faster R-CNN trace. Each prediction depends on its own RoI's pooled features: the fast
+    path back-propagates all targets through the box head in one pass (one row per target),
+    and for the FPN level through each RoI's RoIAlign on a crop around the RoI."""
+
+    detector: FasterRCNNDetector
+
+    def __init__(self, detector: FasterRCNNDetector, image: np.ndarray) -> None:
+        super().__init__(detector, image)
+        with torch.no_grad():
+            self.features = detector._features(self.image_list)
+            (proposals,), (objectness,) = detector._proposals(self.image_list, self.features)
+            _, logits, regression = detector._box_outputs(
+                self.features, [proposals], self.image_list.image_sizes
+            )
+            self.proposals = proposals
+            self.detections = detector._postprocess(
+                logits, regression, proposals, objectness, self.geometry, self.features
+            )
+
+    def layer_names(self) -> list[str]:
+        return [*super().layer_names(), "roi"]
+
+    def _has_fast_path(self, layer: str) -> bool:
+        return layer in ("fpn", "roi") or layer in self.detector.feature_levels
+
+    def _rois(self, targets: Sequence[Target]) -> torch.Tensor:
+        """Each target's RoI in resized-input pixels (T, 4)."""
+        det = torch.tensor([t.index for t in targets], dtype=torch.long)
+        return self.proposals[self.detections.provenance.proposal[det]]
+
+    def _values_from_outputs(self, logits, regression, rois, targets) -> torch.Tensor:
+        """Target values from per-target box-head outputs (row t explains target t)."""
+        det = torch.tensor([t.index for t in targets], dtype=torch.long)
+        cls = self.detections.provenance.class_index[det]
+        rows = torch.arange(len(targets))
+        scores = F.softmax(logits, -1)[rows, cls]
+        heads = self.detector.model.roi_heads
+        deltas = regression.view(len(targets), -1, 4)[rows, cls]
+        boxes = heads.box_coder.decode_single(deltas, rois)
+        edges = box_edges(self.geometry.boxes_to_original(boxes))
+        attr = {
+            "score": scores,
+            "x1": edges[:, 0],
+            "y1": edges[:, 1],
+            "x2": edges[:, 2],
+            "y2": edges[:, 3],
+        }
+        return torch.stack([attr[t.attribute][i] for i, t in enumerate(targets)])
+
+    def _graph_state(self, features):
+        return features
+
+    def _graph_values(self, features, targets):
+        rois = self._rois(targets)
+        _, logits, regression = self.detector._box_outputs(
+            features, [rois], self.image_list.image_sizes
+        )
+        return self._values_from_outputs(logits, regression, rois, targets)
+
+    def _exact(self, targets, layer):
+        if layer != "roi":
+            return super()._exact(targets, layer)
+        rois = self._rois(targets)
+        with torch.enable_grad():
+            features = self.detector._features(self.image_list)
+            pooled = self.detector.model.roi_heads.box_roi_pool(
+                features, [rois], self.image_list.image_sizes
+            )
+            logits, regression = self.detector._predict(pooled)
+            values = self._values_from_outputs(logits, regression, rois, targets)
+            grads = [
+                torch.autograd.grad(values[i], pooled, retain_graph=True)[0][i]
+                for i in range(len(targets))
+            ]
+        return [self._roi_windows(targets, pooled.detach(), torch.stack(grads))]
+
+    def _roi_windows(self, targets, pooled, grads) -> FeatureWindows:
+        rois = self._rois(targets)
+        k = pooled.shape[-1]
+        det = torch.tensor([t.index for t in targets], dtype=torch.long)
+        boxes = self.detections.boxes[det]
+        roi_boxes = self.geometry.boxes_to_original(rois)
+        # predicted box in the RoI grid's cells, for size-adaptive smoothing
+        scale = k / (roi_boxes[:, 2:] - roi_boxes[:, :2]).clamp(min=1e-6)
+        on_grid = torch.cat(
+            ((boxes[:, :2] - roi_boxes[:, :2]) * scale, (boxes[:, 2:] - roi_boxes[:, :2]) * scale),
+            1,
+        )
+        return FeatureWindows(
+            layer="roi",
+            target_index=torch.arange(len(targets)),
+            activations=pooled,
+            gradients=grads,
+            origin=torch.zeros(len(targets), 2, dtype=torch.long),
+            layer_size=(k, k),
+            boxes_on_layer=on_grid,
+            roi_boxes=roi_boxes,
+        )
+
+    def _fast(self, targets, layer, margin):
+        rois = self._rois(targets)
+        pool = self.detector.model.roi_heads.box_roi_pool
+        with torch.no_grad():
+            pooled = pool(self.features, [rois], self.image_list.image_sizes)
+        pooled = pooled.requires_grad_(True)
+        with torch.enable_grad():
+            logits, regression = self.detector._predict(pooled)
+            values = self._values_from_outputs(logits, regression, rois, targets)
+            (g_pooled,) = torch.autograd.grad(values.sum(), pooled)
+        if layer == "roi":
+            return [self._roi_windows(targets, pooled.detach(), g_pooled)]
+        return self._level_windows(targets, layer, rois, g_pooled, margin)
+
+    def _level_windows(self, targets, layer, rois, g_pooled, margin) -> list[FeatureWindows]:
+        """Back-propagate each RoI's pooled-feature gradient through its own RoIAlign, on a
+        crop of its level around the RoI (exact: the crop holds every sample it reads)."""
+        pool = self.detector.model.roi_heads.box_roi_pool
+        level = self.detector._roi_levels(rois)
+        names = self.detector.feature_levels
+        feats = list(self.features.values())
+        out = []
+        lvs = level.unique().tolist() if layer == "fpn" else [names.index(layer)]
+        for lv in lvs:
+            rows = torch.where(level == lv)[0] if layer == "fpn" else torch.arange(len(targets))
+            fmap = feats[lv][0]
+            h, w = fmap.shape[-2:]
+            margin_lv = self._margin(margin, rows.tolist(), targets, fmap)
+            scale = pool.scales[self.detector._pooled_keys().index(self.detector._feature_keys[lv])]
+            leaves, origins = [], []
+            outs = []
+            for i in rows.tolist():
+                if int(level[i]) != lv:  # pooled from another level: no gradient here
+                    leaves.append(None)
+                    origins.append((0, 0, 0, 0))
+                    continue
+                x1, y1, x2, y2 = (rois[i] * scale).tolist()
+                y0, x0 = max(math.floor(y1) - 1, 0), max(math.floor(x1) - 1, 0)
+                ye, xe = min(math.ceil(y2) + 2, h), min(math.ceil(x2) + 2, w)
+                crop = fmap[:, y0:ye, x0:xe][None].detach().requires_grad_(True)
+                box = torch.tensor([[0.0, x1 - x0, y1 - y0, x2 - x0, y2 - y0]], device=fmap.device)
+                with torch.enable_grad():
+                    outs.append(roi_align(crop, box, pool.output_size, 1.0, pool.sampling_ratio))
+                leaves.append(crop)
+                origins.append((y0, x0, ye, xe))
+            live = [j for j, leaf in enumerate(leaves) if leaf is not None]
+            grads = (
+                torch.autograd.grad(
+                    torch.cat(outs),
+                    [leaves[j] for j in live],
+                    grad_outputs=g_pooled[rows[live]],
+                )
+                if live
+                else []
+            )
+            pad = margin_lv
+            hh = max([o[2] - o[0] for o in origins] + [1]) + 2 * pad
+            ww = max([o[3] - o[1] for o in origins] + [1]) + 2 * pad
+            g_win = fmap.new_zeros(len(rows), fmap.shape[0], hh, ww)
+            for j, g in zip(live, grads, strict=True):
+                y0, x0, ye, xe = origins[j]
+                g_win[j, :, pad : pad + ye - y0, pad : pad + xe - x0] = g[0]
+            origin = torch.tensor([(o[0] - pad, o[1] - pad) for o in origins], dtype=torch.long)
+            acts = _crop_windows(fmap, origin, hh, ww)
+            out.append(
+                self._windows(
+                    names[lv], rows.tolist(), targets, fmap, g_win, origin=origin, windows=acts
+                )
+            )
+        return out
+
+
+def _crop_windows(fmap: torch.Tensor, origin: torch.Tensor, hh: int, ww: int) -> torch.Tensor:
+    """Crops (T, C, hh, ww) of ``fmap`` (C, h, w) with top-left ``origin`` (T, 2); zeros outside."""
+    t = origin.shape[0]
+    out = fmap.new_zeros(t, fmap.shape[0], hh, ww)
+    h, w = fmap.shape[-2:]
+    for i in range(t):
+        y0, x0 = (int(v) for v in origin[i])
+        ys, xs, ye, xe = max(y0, 0), max(x0, 0), min(y0 + hh, h), min(x0 + ww, w)
+        if ye > ys and xe > xs:
+            out[i, :, ys - y0 : ye - y0, xs - x0 : xe - x0] = fmap[:, ys:ye, xs:xe]
+    return out
+
+
+# ----------------------------------------------------------------------------------
+# Construction and registration
+# ----------------------------------------------------------------------------------
+
+
+def wrap(
+    model: nn.Module,
+    class_names: Sequence[str] | None = None,
+    name: str = "torchvision",
+    device: torch.device | str | None = None,
+) -> TorchvisionDetector:
+    """Wrap an already-built torchvision FCOS, RetinaNet or Faster R-CNN (any backbone)."""
+    if isinstance(model, tvd.FCOS | tvd.RetinaNet):
+        return OneStageDetector(model, class_names=class_names, name=name, device=device)
+    if isinstance(model, tvd.FasterRCNN):
+        return FasterRCNNDetector(model, class_names=class_names, name=name, device=device)
+    raise TypeError(
+        f"cannot wrap {type(model).__name__}: expected torchvision FCOS, RetinaNet or FasterRCNN"
+    )
+
+
+def _builder(factory: Callable[..., nn.Module], name: str) -> Callable[..., TorchvisionDetector]:
+    def build(
+        weights: str | Path | None = None,
+        num_classes: int | None = None,
+        class_names: Sequence[str] | None = None,
+        min_size: int = 800,
+        max_size: int = 1333,
+        device: torch.device | str | None = None,
+        **model_kwargs: Any,
+    ) -> TorchvisionDetector:
+        """weights: None (random), "DEFAULT" (torchvision's pretrained, needs the internet or
+        torch's cache), or a checkpoint path (a state dict, or a dict with "model")."""
+        kwargs: dict[str, Any] = {"min_size": min_size, "max_size": max_size, **model_kwargs}
+        if weights == "DEFAULT":
+            model = factory(weights="DEFAULT", **kwargs)
+        else:
+            if num_classes is None:
+                num_classes = len(class_names) if class_names is not None else 91
+            model = factory(weights=None, weights_backbone=None, num_classes=num_classes, **kwargs)
+            if weights is not None:
+                load_checkpoint(model, Path(weights))
+        return wrap(model, class_names=class_names, name=name, device=device)
+
+    build.__name__ = f"build_{name.replace('-', '_')}"
+    return build
+
+
+def load_checkpoint(model: nn.Module, path: Path) -> None:
+    """Load a state dict (or a dict holding one under "model") into ``model``."""
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a truncated or foreign file
+        raise ValueError(f"cannot read weights file {path}: {err}") from err
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(f"weights file {path} does not fit the model: {err}") from err
+
+
+for _name, _factory in {
+    "fasterrcnn_resnet50_fpn": tvd.fasterrcnn_resnet50_fpn,
+    "fasterrcnn_resnet50_fpn_v2": tvd.fasterrcnn_resnet50_fpn_v2,
+    "fasterrcnn_mobilenet_v3_large_fpn": tvd.fasterrcnn_mobilenet_v3_large_fpn,
+    "fcos_resnet50_fpn": tvd.fcos_resnet50_fpn,
+    "retinanet_resnet50_fpn": tvd.retinanet_resnet50_fpn,
+    "retinanet_resnet50_fpn_v2": tvd.retinanet_resnet50_fpn_v2,
+}.items():
+    DETECTORS.register(_name, _builder(_factory, _name))

@@ -1,0 +1,251 @@
+"""The ``baseline`` recipe: plain supervised training of a torchvision detection model.
+
+The model follows torchvision's detection API: in train mode ``model(images, targets)``
+returns a dict of losses, where images are float CHW tensors in [0, 1] and targets hold
+``boxes`` (N, 4) float xyxy in image pixels and ``labels`` (N,) int64 in 1..K.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+from tqdm.auto import tqdm
+
+from xaibench.cache import atomic_write
+from xaibench.registry import RECIPES
+from xaibench.types import Sample
+
+CHECKPOINT_NAME = "last.pt"
+_RESUME_FREE_FIELDS = {"device", "checkpoint_every"}  # may differ between a run and its resume
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be read or does not match the run resuming from it."""
+
+
+class BaselineConfig(BaseModel):
+    """Hyper-parameters of the baseline recipe (validated once, stored with the checkpoints)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    iterations: int | None = Field(1000, ge=1, description="optimizer steps; or set epochs")
+    epochs: int | None = Field(None, ge=1, description="passes over the dataset")
+    batch_size: int = Field(8, ge=1)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.01, gt=0)
+    momentum: float = Field(0.9, ge=0, description="SGD momentum")
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_iterations: int = Field(100, ge=0, description="linear warm-up from lr / 1000")
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    milestones: tuple[float, ...] = Field(
+        (0.75, 0.9), description="fractions of training where the step schedule multiplies by gamma"
+    )
+    gamma: float = Field(0.1, gt=0)
+    grad_clip: float | None = Field(10.0, gt=0, description="max L2 norm of all gradients")
+    hflip: float = Field(0.5, ge=0, le=1, description="probability of a horizontal flip")
+    seed: int = 0
+    device: str | None = Field(None, description="torch device; None: cuda if available")
+    checkpoint_every: int = Field(0, ge=0, description="iterations; 0: only the final one")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _epochs_replace_iterations(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("epochs") is not None and "iterations" not in data:
+            return {**data, "iterations": None}
+        return data
+
+    @model_validator(mode="after")
+    def _one_length(self) -> BaselineConfig:
+        if (self.iterations is None) == (self.epochs is None):
+            raise ValueError("BaselineConfig: set exactly one of iterations and epochs")
+        return self
+
+    def total_iterations(self, dataset_size: int) -> int:
+        """Optimizer steps of the whole run on a dataset of ``dataset_size`` samples."""
+        if self.iterations is not None:
+            return self.iterations
+        assert self.epochs is not None
+        return self.epochs * math.ceil(dataset_size / self.batch_size)
+
+    def lr_at(self, step: int, total: int) -> float:
+        """Learning rate of optimizer step ``step`` (0-based) out of ``total``."""
+        if self.schedule == "cosine":
+            factor = 0.5 * (1 + math.cos(math.pi * step / total))
+        elif self.schedule == "step":
+            factor = self.gamma ** sum(step >= m * total for m in self.milestones)
+        else:
+            factor = 1.0
+        if step < self.warmup_iterations:
+            alpha = step / self.warmup_iterations
+            factor *= 1e-3 * (1 - alpha) + alpha
+        return self.lr * factor
+
+
+@dataclass
+class TrainResult:
+    """What a training run did: steps taken, wall time (s) of this call, total loss per step."""
+
+    iterations: int
+    seconds: float
+    losses: list[float] = field(default_factory=list)
+    checkpoint: Path | None = None
+
+
+def sample_to_target(sample: Sample, flip: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A ``Sample`` as a torchvision (image, target) pair; ignore instances are dropped.
+
+    Image: float32 (3, H, W) in [0, 1]. Target: ``boxes`` float32 (N, 4) xyxy pixels and
+    ``labels`` int64 (N,). ``flip`` mirrors image and boxes horizontally.
+    """
+    image = torch.from_numpy(np.ascontiguousarray(sample.image)).permute(2, 0, 1).float() / 255
+    kept = [inst for inst in sample.instances if not inst.ignore]
+    boxes = torch.tensor(np.array([inst.box for inst in kept], np.float32).reshape(-1, 4))
+    labels = torch.tensor([int(inst.label) for inst in kept], dtype=torch.int64)
+    if flip:
+        image = image.flip(-1)
+        boxes = torch.stack([image.shape[-1] - boxes[:, 2], boxes[:, 1],
+                             image.shape[-1] - boxes[:, 0], boxes[:, 3]], dim=1)  # fmt: skip
+    valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    return image, {"boxes": boxes[valid], "labels": labels[valid]}
+
+
+def batch_indices(step: int, batch_size: int, dataset_size: int, seed: int) -> list[int]:
+    """Dataset indices of step ``step``: a fresh permutation per epoch, a pure function of its args."""
+    positions = range(step * batch_size, (step + 1) * batch_size)
+    return [int(_permutation(p // dataset_size, dataset_size, seed)[p % dataset_size]) for p in positions]
+
+
+@lru_cache(maxsize=4)
+def _permutation(epoch: int, size: int, seed: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch, 0]).permutation(size)
+
+
+def _flips(step: int, batch_size: int, probability: float, seed: int) -> np.ndarray:
+    return np.random.default_rng([seed, step, 1]).random(batch_size) < probability
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", hint: str = "") -> dict:
+    """Read a checkpoint written by this module; an unreadable file raises ``CheckpointError``."""
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        hint = hint or "delete it to start over"
+        raise CheckpointError(f"cannot load checkpoint {path}: {exc}. It is corrupt or "
+                              f"incomplete; {hint}.") from exc  # fmt: skip
+    if not isinstance(state, dict) or "model" not in state:
+        raise CheckpointError(f"{path} is not an xaibench checkpoint (no 'model' entry)")
+    return state
+
+
+def _make_optimizer(model: nn.Module, config: BaselineConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _resume(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+            config: BaselineConfig, device: torch.device) -> tuple[int, list[float]]:  # fmt: skip
+    state = load_checkpoint(path, device)
+    saved, current = state["config"], config.model_dump()
+    changed = sorted(k for k in current if k not in _RESUME_FREE_FIELDS and saved.get(k) != current[k])
+    if changed:
+        raise CheckpointError(
+            f"{path} was written with a different config ({', '.join(changed)}); "
+            "use another checkpoint_dir or delete the file to start over"
+        )
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    if device.type == "cuda" and "cuda_rng" in state:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return int(state["step"]), list(state["losses"])
+
+
+def _save(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
+          losses: list[float], config: BaselineConfig, device: torch.device) -> None:  # fmt: skip
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "step": step,
+        "losses": losses,
+        "config": config.model_dump(),
+        "rng": torch.get_rng_state(),
+    }
+    if device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    with atomic_write(path) as tmp:
+        torch.save(state, tmp)
+
+
+@RECIPES.register("baseline")
+def train(
+    model: nn.Module,
+    dataset: Sequence[Sample],
+    config: BaselineConfig | None = None,
+    checkpoint_dir: str | Path | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train ``model`` in place on ``dataset`` and return it in eval mode.
+
+    With ``checkpoint_dir``, the model, optimizer, step and RNG state are written to
+    ``checkpoint_dir/last.pt`` every ``config.checkpoint_every`` steps and at the end, and a
+    run finding that file resumes from it; a resumed run ends with the same weights as an
+    uninterrupted one. Data order and flips are a function of ``config.seed`` and the step.
+    """
+    config = config or BaselineConfig()
+    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(device).train()
+    optimizer = _make_optimizer(model, config)
+    total = config.total_iterations(len(dataset))
+    path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
+    torch.manual_seed(config.seed)
+    step, losses = 0, []
+    if path is not None and path.exists():
+        step, losses = _resume(path, model, optimizer, config, device)
+
+    start = time.perf_counter()
+    smoothed = losses[-1] if losses else None
+    with tqdm(total=total, initial=step, desc="baseline", disable=not progress) as bar:
+        while step < total:
+            indices = batch_indices(step, config.batch_size, len(dataset), config.seed)
+            flips = _flips(step, config.batch_size, config.hflip, config.seed)
+            pairs = [sample_to_target(dataset[i], bool(f)) for i, f in zip(indices, flips)]
+            images = [image.to(device) for image, _ in pairs]
+            targets = [{k: v.to(device) for k, v in target.items()} for _, target in pairs]
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr_at(step, total)
+
+            loss_dict = model(images, targets)
+            loss = sum(loss_dict.values())
+            if not torch.isfinite(loss):
+                parts = {k: round(float(v), 4) for k, v in loss_dict.items()}
+                raise FloatingPointError(f"loss is {float(loss)} at iteration {step}: {parts}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+
+            step += 1
+            losses.append(loss.item())
+            smoothed = losses[-1] if smoothed is None else 0.95 * smoothed + 0.05 * losses[-1]
+            bar.set_postfix(loss=f"{smoothed:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2g}")
+            bar.update()
+            every = config.checkpoint_every
+            if path is not None and (step == total or (every and step % every == 0)):
+                _save(path, model, optimizer, step, losses, config, device)
+    model.eval()
+    return TrainResult(step, time.perf_counter() - start, losses, path)

@@ -1,0 +1,1 @@
+"""Metric runners (deletion, insertion, VEA, pointing game, ...), registered in ``METRICS``."""

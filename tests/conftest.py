@@ -1,0 +1,56 @@
+"""Shared fixtures: small torchvision detectors with random weights and test images."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torchvision.models import detection as tvd
+
+from xaibench.detectors.torchvision import wrap
+
+SMALL = {"weights": None, "weights_backbone": None, "num_classes": 4}
+
+
+def _low_threshold(model: torch.nn.Module) -> torch.nn.Module:
+    """Random weights score low: keep every candidate so that there is something to check."""
+    if isinstance(model, tvd.FasterRCNN):
+        model.roi_heads.score_thresh = 0.0
+    else:
+        model.score_thresh = 0.0
+    return model.eval()
+
+
+FACTORIES = {
+    "fcos": lambda: tvd.fcos_resnet50_fpn(**SMALL, min_size=160, max_size=224),
+    "retinanet": lambda: tvd.retinanet_resnet50_fpn(**SMALL, min_size=160, max_size=224),
+    "retinanet_v2": lambda: tvd.retinanet_resnet50_fpn_v2(**SMALL, min_size=160, max_size=224),
+    "frcnn": lambda: tvd.fasterrcnn_resnet50_fpn(**SMALL, min_size=160, max_size=224),
+    "frcnn_v2": lambda: tvd.fasterrcnn_resnet50_fpn_v2(**SMALL, min_size=160, max_size=224),
+    "frcnn_mobilenet": lambda: tvd.fasterrcnn_mobilenet_v3_large_fpn(
+        **SMALL, min_size=160, max_size=224
+    ),
+}
+
+
+@pytest.fixture(scope="session")
+def random_image() -> np.ndarray:
+    """A 150 x 200 uint8 RGB image of smooth blobs (resized to 160 x 213, padded to 160 x 224)."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:150, :200]
+    img = np.zeros((150, 200, 3))
+    for _ in range(6):
+        cy, cx, r = rng.uniform(0, 150), rng.uniform(0, 200), rng.uniform(10, 40)
+        img += rng.uniform(0, 255, 3) * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / r**2)[..., None]
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="session", params=sorted(FACTORIES))
+def family(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+def build(family: str):
+    torch.manual_seed(0)
+    model = _low_threshold(FACTORIES[family]())
+    return model, wrap(model, name=family)

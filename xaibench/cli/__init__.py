@@ -1,0 +1,33 @@
+"""The ``xaibench`` command line: ``list``, ``data``, ``explain``."""
+
+from __future__ import annotations
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from xaibench.cli.data import app as data_app
+from xaibench.cli.explain import explain
+from xaibench.registry import ALL_REGISTRIES
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+app.add_typer(data_app, name="data")
+app.command()(explain)
+
+
+@app.command("list")
+def list_plugins(
+    pattern: str = typer.Argument("*", help="shell-style filter, e.g. '*fcos*'"),
+    kind: str = typer.Option("", help="only this registry (detectors, methods, ...)"),
+) -> None:
+    """Show what every registry holds."""
+    table = Table("kind", "names")
+    for name, registry in ALL_REGISTRIES.items():
+        if kind and kind != name:
+            continue
+        table.add_row(name, ", ".join(registry.names(pattern)) or "-")
+    Console().print(table)
+
+
+def main() -> None:
+    app()

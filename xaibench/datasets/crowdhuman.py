@@ -1,0 +1,131 @@
+"""CrowdHuman annotations (``.odgt``: one json object per line) as ``Sample``s.
+
+Each line is ``{"ID": ..., "gtboxes": [{"tag", "fbox", "vbox", "hbox", "extra"}, ...]}`` with
+boxes xywh in pixels. Following the CrowdDet evaluation, instances use the full-body box
+(``fbox``, may extend beyond the image), converted to xyxy; a box is ignored when its tag is
+not ``"person"`` or ``extra.ignore != 0``.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from xaibench.images import load_image
+from xaibench.registry import DATASETS
+from xaibench.types import Instance, Sample
+
+IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png")
+
+
+def read_odgt(path: str | Path) -> list[dict[str, Any]]:
+    """Records of an odgt file (blank lines skipped); errors name the file, line and field."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"odgt file {path} does not exist")
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} line {number} is not valid json: {err}") from err
+        if not isinstance(record, dict) or "ID" not in record:
+            raise ValueError(f"{path} line {number}: expected an object with field 'ID'")
+        if not isinstance(record.get("gtboxes", []), list):
+            raise ValueError(f"{path} line {number} (ID {record['ID']}): 'gtboxes' must be a list")
+        for k, box in enumerate(record.get("gtboxes", [])):
+            _check_box(box, "fbox", f"{path} line {number} (ID {record['ID']}) gtboxes[{k}]")
+        records.append(record)
+    return records
+
+
+def _check_box(record: Any, field: str, where: str) -> None:
+    value = record.get(field) if isinstance(record, dict) else None
+    ok = isinstance(value, list) and len(value) == 4
+    if not ok or not all(isinstance(v, (int, float)) for v in value):
+        raise ValueError(f"{where}: field {field!r} must be [x, y, w, h], got {value!r}")
+
+
+def _xyxy(box: list[float]) -> np.ndarray:
+    x, y, w, h = (float(v) for v in box)
+    return np.array([x, y, x + w, y + h], dtype=np.float32)
+
+
+@DATASETS.register("crowdhuman")
+class CrowdHumanDataset:
+    """CrowdHuman-style ``odgt_file`` plus the folder holding ``<ID>.jpg`` (or .jpeg/.png).
+
+    ``dataset[i]`` is a ``Sample`` whose instances have label 1 (person), ``box`` = fbox and
+    ``visible_box`` = vbox (xyxy, pixels), ``ignore`` as in the CrowdDet evaluation, and
+    ``id`` = the box's index in the record's ``gtboxes``. Boxes with a non-positive fbox width
+    or height are skipped with a warning.
+    """
+
+    class_names: tuple[str, ...] = ("__background__", "person")
+
+    def __init__(self, odgt_file: str | Path, image_dir: str | Path) -> None:
+        self.odgt_file = Path(odgt_file)
+        self.image_dir = Path(image_dir)
+        self.records = read_odgt(self.odgt_file)
+        self.image_ids: list[str] = [str(r["ID"]) for r in self.records]
+        degenerate = [
+            f"{r['ID']}[{k}]"
+            for r in self.records
+            for k, b in enumerate(r.get("gtboxes", []))
+            if b["fbox"][2] <= 0 or b["fbox"][3] <= 0
+        ]
+        if degenerate:
+            warnings.warn(
+                f"{self.odgt_file}: skipping {len(degenerate)} box(es) with zero or negative "
+                f"fbox width/height: {', '.join(degenerate[:20])}",
+                stacklevel=2,
+            )
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> Sample:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} images")
+        record = self.records[index]
+        path = self.image_path(str(record["ID"]))
+        instances = []
+        for k, box in enumerate(record.get("gtboxes", [])):
+            if box["fbox"][2] <= 0 or box["fbox"][3] <= 0:
+                continue
+            extra = box.get("extra") or {}
+            visible = box.get("vbox")
+            instances.append(
+                Instance(
+                    box=_xyxy(box["fbox"]),
+                    label=1,
+                    ignore=box.get("tag") != "person" or extra.get("ignore", 0) != 0,
+                    id=k,
+                    visible_box=None if visible is None else _xyxy(visible),
+                )
+            )
+        return Sample(
+            image=load_image(path),
+            image_id=str(record["ID"]),
+            instances=instances,
+            file_name=path.name,
+        )
+
+    def image_path(self, image_id: str) -> Path:
+        """The image file of record ``image_id`` (``ID`` plus a known extension, or ``ID``)."""
+        candidates = [self.image_dir / image_id] + [
+            self.image_dir / f"{image_id}{ext}" for ext in IMAGE_EXTENSIONS
+        ]
+        for path in candidates:
+            if path.is_file():
+                return path
+        raise FileNotFoundError(
+            f"no image file for ID {image_id!r} of {self.odgt_file}: tried "
+            + ", ".join(str(p) for p in candidates)
+        )

@@ -1,0 +1,129 @@
+"""The interface between the harness and a detector: a black-box view (batched inference) and
+a white-box view (one image with its feature layers, and gradients of any ``Target``).
+
+Methods and metrics depend only on this module; wrappers in ``detectors/`` implement it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+from xaibench.types import ATTRIBUTES, Detections, Target
+
+GradientMode = Literal["fast", "exact"]
+
+
+@dataclass
+class FeatureWindows:
+    """Activations and gradients of a group of targets on windows of one feature layer.
+
+    A window is a crop of the layer's map (``activations``/``gradients`` are (T, C, h, w)):
+    for spatial layers ``origin`` (T, 2) holds the (row, col) of the window's top-left cell
+    on the layer (it may be negative or run past the edge, where activations are zero); for
+    RoI layers (``roi_boxes`` set) each window is the RoI's pooled grid, spread over the RoI
+    box (T, 4) xyxy in original pixels. ``target_index`` (T,) says which of the requested
+    targets each row belongs to. ``boxes_on_layer`` (T, 4) is each target's predicted box in
+    layer cells (xyxy), used by size-adaptive smoothing. ``layer_size`` is the full layer's
+    (h, w): gradients outside the window are zero on the fast path.
+    """
+
+    layer: str
+    target_index: torch.Tensor
+    activations: torch.Tensor
+    gradients: torch.Tensor
+    origin: torch.Tensor
+    layer_size: tuple[int, int]
+    boxes_on_layer: torch.Tensor
+    roi_boxes: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.target_index.shape[0])
+
+
+class WhiteBoxTrace(ABC):
+    """One image run through the detector with its feature layers exposed.
+
+    ``detections`` are the detector's final detections of the image, with provenance.
+    Layer names: the feature levels (e.g. ``"p3"``), ``"fpn"`` (for each target, the level
+    that produced it), backbone stages (``"backbone.layer2"``), ``"roi"`` for two-stage
+    detectors, and any module as ``"module:<dotted.name>"``.
+    """
+
+    detections: Detections
+    image_size: tuple[int, int]
+
+    @abstractmethod
+    def layer_names(self) -> list[str]:
+        """The layers this trace can explain from."""
+
+    @abstractmethod
+    def gradients(
+        self,
+        targets: Sequence[Target],
+        layer: str = "fpn",
+        mode: GradientMode = "fast",
+        margin: int | Callable[[torch.Tensor], int] = 0,
+    ) -> list[FeatureWindows]:
+        """Activations and d(target)/d(activations) for all ``targets`` at once.
+
+        ``mode="fast"`` uses the detector's structure (one pass for all targets);
+        ``mode="exact"`` is one full autograd backward per target (the reference).
+        ``margin`` widens fast-path windows by that many cells (zero gradient there), so
+        that smoothing the gradient does not clip at the window edge; it may be a function
+        of the targets' predicted boxes on the layer ((T, 4) cells, xyxy) giving cells.
+        """
+
+    @abstractmethod
+    def to_image(self, windows: FeatureWindows, maps: torch.Tensor) -> torch.Tensor:
+        """Place per-target maps (T, h, w) on ``windows``' layer into original-image pixels
+        (T, H, W): padding added by the detector's input transform is cropped first."""
+
+    @abstractmethod
+    def target_values(self, targets: Sequence[Target]) -> torch.Tensor:
+        """The scalar value of each target (T,), e.g. to check gradients numerically."""
+
+
+class Detector(ABC):
+    """A wrapped detector. ``class_names[label]`` names a label; ``feature_levels`` names the
+    levels that ``Provenance.level`` indexes."""
+
+    name: str
+    class_names: list[str]
+    feature_levels: list[str]
+    device: torch.device
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @abstractmethod
+    def detect(
+        self, images: Sequence[np.ndarray], batch_size: int = 8, nms: bool = True
+    ) -> list[Detections]:
+        """Black box: detections of each uint8 RGB (H, W, 3) image, no graph kept.
+        ``nms=False`` returns the raw candidates before non-maximum suppression."""
+
+    @abstractmethod
+    def trace(self, image: np.ndarray) -> WhiteBoxTrace:
+        """White box: one uint8 RGB (H, W, 3) image with its layers and gradients."""
+
+
+def expand_targets(targets: Sequence[Target]) -> tuple[list[Target], list[list[int]]]:
+    """Replace each ``combined`` target by its five attributes.
+
+    Returns the flat target list and, for each input target, the rows of the flat list whose
+    maps it combines (element-wise maximum).
+    """
+    flat: list[Target] = []
+    groups: list[list[int]] = []
+    for t in targets:
+        attrs = ATTRIBUTES if t.attribute == "combined" else (t.attribute,)
+        groups.append(list(range(len(flat), len(flat) + len(attrs))))
+        flat.extend(Target(t.index, a) for a in attrs)
+    return flat, groups

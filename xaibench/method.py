@@ -1,0 +1,104 @@
+"""The interface of an explanation method, and the base class of gradient-based ones."""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import torch
+
+from xaibench.detector import (
+    Detector,
+    FeatureWindows,
+    GradientMode,
+    WhiteBoxTrace,
+    expand_targets,
+)
+from xaibench.types import Saliency, Target
+
+
+class ExplanationMethod(ABC):
+    """Explains several targets of one image in one call.
+
+    ``access`` says what the method needs from the detector: ``"white-box"`` (layers and
+    gradients, through ``Detector.trace``) or ``"black-box"`` (``Detector.detect`` only).
+    """
+
+    name: ClassVar[str] = "method"
+    access: ClassVar[Literal["white-box", "black-box"]] = "white-box"
+
+    @abstractmethod
+    def explain(
+        self,
+        detector: Detector,
+        image: np.ndarray,
+        targets: Sequence[Target],
+        trace: WhiteBoxTrace | None = None,
+    ) -> list[Saliency]:
+        """One ``Saliency`` (original-image pixels) per target, in order. A white-box method
+        reuses ``trace`` when given (it must be ``detector.trace(image)``)."""
+
+    def params(self) -> dict[str, Any]:
+        """The settings recorded with every map."""
+        return {}
+
+
+class GradientCAMBase(ExplanationMethod):
+    """Template for CAM-style methods: H = post(sum_c w_c * A_c) on one feature layer.
+
+    Subclasses define ``weights`` (how gradients become per-channel or per-pixel weights);
+    this class runs the trace, asks for all targets' gradients at once, places the maps in
+    the original image and takes the element-wise maximum for ``combined`` targets.
+    """
+
+    def __init__(self, layer: str = "fpn", mode: GradientMode = "fast") -> None:
+        self.layer = layer
+        self.mode = mode
+
+    @abstractmethod
+    def weights(self, windows: FeatureWindows) -> torch.Tensor:
+        """(T, C, h, w) or (T, C, 1, 1) weights for ``windows.activations``."""
+
+    def combine(self, weights: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
+        """Per-target layer maps (T, h, w) from weights and activations."""
+        return torch.relu((weights * activations).sum(dim=1))
+
+    def margin(self, boxes_on_layer: torch.Tensor) -> int:
+        """Extra cells around fast-path windows that ``weights`` needs, given the targets'
+        predicted boxes on the layer ((T, 4) cells)."""
+        return 0
+
+    def params(self) -> dict[str, Any]:
+        return {"layer": self.layer, "mode": self.mode}
+
+    def explain(
+        self,
+        detector: Detector,
+        image: np.ndarray,
+        targets: Sequence[Target],
+        trace: WhiteBoxTrace | None = None,
+    ) -> list[Saliency]:
+        start = time.perf_counter()
+        trace = trace if trace is not None else detector.trace(image)
+        flat, groups = expand_targets(targets)
+        windows = trace.gradients(flat, self.layer, self.mode, self.margin)
+        height, width = trace.image_size
+        maps = torch.zeros(len(flat), height, width)
+        for w in windows:
+            layer_maps = self.combine(self.weights(w), w.activations)
+            maps[w.target_index] = trace.to_image(w, layer_maps).float().cpu()
+        seconds = (time.perf_counter() - start) / max(len(targets), 1)
+        params = self.params()
+        return [
+            Saliency(
+                map=maps[rows].amax(dim=0).numpy(),
+                method=self.name,
+                target=target,
+                params=params,
+                seconds=seconds,
+            )
+            for target, rows in zip(targets, groups, strict=True)
+        ]
