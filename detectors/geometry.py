@@ -79,6 +79,8 @@ class InputGeometry:
             (gx[:, None, :].expand(t, height, width), gy[:, :, None].expand(t, height, width)),
             dim=-1,
         )
-        out = F.grid_sample(maps[:, None], grid, mode="bilinear", align_corners=False)[:, 0]
+        out = F.grid_sample(
+            maps[:, None], grid, mode="bilinear", padding_mode="border", align_corners=False
+        )[:, 0]
         inside = (gx.abs() <= 1)[:, None, :] & (gy.abs() <= 1)[:, :, None]
         return out * inside

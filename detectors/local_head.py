@@ -131,6 +131,7 @@ class LocalConvHead:
             (grad,) = torch.autograd.grad(total, copies)
         return grad
 
+    @torch.no_grad()
     def window_gradients(
         self,
         level: int,

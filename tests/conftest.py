@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 from torchvision.models import detection as tvd
-
 from xaibench.detectors.torchvision import wrap
 
 SMALL = {"weights": None, "weights_backbone": None, "num_classes": 4}

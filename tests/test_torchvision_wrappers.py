@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torchvision.models import detection as tvd
-
 from conftest import build
+from torchvision.models import detection as tvd
 from xaibench.detectors.torchvision import wrap
+
 from xaibench.registry import DETECTORS, UnknownNameError
 
 
@@ -71,9 +71,13 @@ def test_two_stage_score_rederived_from_provenance(random_image: np.ndarray) -> 
         logits, _ = model.roi_heads.box_predictor(model.roi_heads.box_head(pooled))
     probs = torch.softmax(logits, -1)
     rows = torch.arange(len(det))
-    torch.testing.assert_close(probs[rows, det.provenance.class_index], det.scores, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        probs[rows, det.provenance.class_index], det.scores, atol=1e-4, rtol=1e-4
+    )
     torch.testing.assert_close(probs, det.class_probs, atol=1e-4, rtol=1e-4)
-    assert det.objectness is not None and bool(((det.objectness >= 0) & (det.objectness <= 1)).all())
+    assert det.objectness is not None and bool(
+        ((det.objectness >= 0) & (det.objectness <= 1)).all()
+    )
 
 
 def test_raw_candidates_include_the_final_detections(random_image: np.ndarray) -> None:
@@ -120,7 +124,9 @@ def test_registered_builders_and_unknown_names() -> None:
         DETECTORS.names("*")
     )
     assert DETECTORS.names("*fcos*")[0].startswith("fcos") or "fcos" in DETECTORS.names("*fcos*")[0]
-    with pytest.raises(UnknownNameError, match=r"Did you mean 'fcos_resnet50_fpn'\?.*Known detectors"):
+    with pytest.raises(
+        UnknownNameError, match=r"Did you mean 'fcos_resnet50_fpn'\?.*Known detectors"
+    ):
         DETECTORS.get("fcos_resnet50")
 
 
@@ -131,12 +137,14 @@ def test_checkpoint_path_round_trip(tmp_path) -> None:
     path = tmp_path / "fcos.pt"
     torch.save({"model": first.model.state_dict()}, path)
     second = build_fcos(weights=path, num_classes=3, min_size=128, max_size=128)
-    for a, b in zip(first.model.state_dict().values(), second.model.state_dict().values(), strict=True):
+    for a, b in zip(
+        first.model.state_dict().values(), second.model.state_dict().values(), strict=True
+    ):
         assert torch.equal(a, b)
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="bad.pt"):
+    with pytest.raises(ValueError, match=r"bad\.pt"):
         build_fcos(weights=tmp_path / "bad.pt", num_classes=3)
-    with pytest.raises(FileNotFoundError, match="missing.pt"):
+    with pytest.raises(FileNotFoundError, match=r"missing\.pt"):
         build_fcos(weights=tmp_path / "missing.pt", num_classes=3)
 
 

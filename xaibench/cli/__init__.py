@@ -1,4 +1,4 @@
-"""The ``xaibench`` command line: ``list``, ``data``, ``explain``."""
+"""The ``xaibench`` command line: ``list``, ``data``, ``explain``, ``demo``."""
 
 from __future__ import annotations
 
@@ -7,12 +7,14 @@ from rich.console import Console
 from rich.table import Table
 
 from xaibench.cli.data import app as data_app
+from xaibench.cli.demo import demo
 from xaibench.cli.explain import explain
 from xaibench.registry import ALL_REGISTRIES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 app.add_typer(data_app, name="data")
 app.command()(explain)
+app.command()(demo)
 
 
 @app.command("list")
