@@ -4,8 +4,11 @@ and (b) the detector's plain forward pass, measured in one run.
     python benchmarks/bench_odam.py [--size 512] [--detections 100] [--repeats 3] [--device cpu]
 
 Detectors: FCOS and Faster R-CNN, ResNet50-FPN, random weights with the score threshold at 0
-so that there are exactly ``--detections`` predictions to explain. Targets: ODAM fast >= 20x
-faster than the loop, and within 1.5x of one forward pass.
+so that there are exactly ``--detections`` predictions to explain. Columns: the plain
+torchvision forward; ODAM (fast mode) including its own forward (the trace) and given the
+trace; the exact per-target loop given the trace (it builds the autograd graph, then one
+backward per target) and its backward part alone (minus the graph-building forward).
+Targets: ODAM >= 20x faster than the loop, and within 1.5x of one forward pass.
 """
 
 from __future__ import annotations
@@ -50,35 +53,39 @@ def build(family: str, size: int, detections: int, device: str):
 
 
 def measure(family: str, image: np.ndarray, args: argparse.Namespace) -> list[str]:
-    """One table row: forward, ODAM fast and the per-target loop for ``family``."""
+    """One table row for ``family``: plain forward; ODAM fast with and without its own
+    forward (the trace); the per-target loop with and without its graph-building forward."""
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     model, detector = build(family, args.size, args.detections, args.device)
     tensor = torch.from_numpy(image).permute(2, 0, 1).float().div(255).to(args.device)
-    n = len(detector.detect([image])[0])
-    targets = [Target(i, "score") for i in range(n)]
+    trace = detector.trace(image)
+    targets = [Target(i, "score") for i in range(len(trace.detections))]
+
+    def run(fn: Callable[[], object]) -> Callable[[], None]:
+        def call() -> None:
+            fn()
+            sync()
+
+        return call
 
     def forward() -> None:
         with torch.no_grad():
             model([tensor])
-        sync()
 
-    def fast() -> None:
-        ODAM(mode="fast").explain(detector, image, targets)
-        sync()
-
-    def loop() -> None:
-        ODAM(mode="exact").explain(detector, image, targets)
-        sync()
-
-    t_forward = timed(forward, args.repeats)
-    t_fast = timed(fast, args.repeats)
-    t_loop = timed(loop, args.loop_repeats)
+    t_forward = timed(run(forward), args.repeats)
+    t_fast = timed(run(lambda: ODAM().explain(detector, image, targets)), args.repeats)
+    t_fast_maps = timed(run(lambda: ODAM().explain(detector, image, targets, trace)), args.repeats)
+    t_graph = timed(run(lambda: trace._graph_forward(None)), args.repeats)
+    t_loop = timed(run(lambda: ODAM(mode="exact").explain(detector, image, targets, trace)), 1)
+    t_loop_backward = t_loop - t_graph
     return [
-        f"{family} ({n} det.)",
+        f"{family} ({len(targets)})",
         f"{t_forward:.3f}",
         f"{t_fast:.3f}",
+        f"{t_fast_maps:.3f}",
         f"{t_loop:.3f}",
         f"{t_loop / t_fast:.1f}x",
+        f"{t_loop_backward / t_fast_maps:.1f}x",
         f"{t_fast / t_forward:.2f}x",
     ]
 
@@ -97,17 +104,19 @@ def main() -> None:
 
     table = Table(title=f"ODAM, {args.detections} detections, {args.size} px, {args.device}")
     for col in (
-        "detector",
+        "detector (targets)",
         "forward s",
-        "ODAM fast s",
-        "per-target loop s",
-        "loop / fast",
-        "fast / forward",
+        "ODAM s",
+        "ODAM given trace s",
+        "loop s",
+        "loop / ODAM",
+        "loop backward / ODAM given trace",
+        "ODAM / forward",
     ):
         table.add_column(col, justify="right")
     for family in ("fcos", "frcnn"):
         table.add_row(*measure(family, image, args))
-    Console().print(table)
+    Console(width=200).print(table)
 
 
 if __name__ == "__main__":

@@ -138,7 +138,7 @@ class OneStageDetector(TorchvisionDetector):
     """
 
     def __init__(
-        self, model: tvd.FCOS | tvd.RetinaNet, exact_level_cells: int = 256, **kwargs: Any
+        self, model: tvd.FCOS | tvd.RetinaNet, exact_level_cells: int = 64, **kwargs: Any
     ) -> None:
         super().__init__(model, **kwargs)
         self.exact_level_cells = exact_level_cells
