@@ -93,7 +93,8 @@ class BaselineConfig(BaseModel):
 
 @dataclass
 class TrainResult:
-    """What a training run did: steps taken, wall time (s) of this call, total loss per step."""
+    """A finished run: optimizer steps, training wall time (s, resumed runs included) and the
+    total loss of every step."""
 
     iterations: int
     seconds: float
@@ -101,28 +102,34 @@ class TrainResult:
     checkpoint: Path | None = None
 
 
-def sample_to_target(sample: Sample, flip: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """A ``Sample`` as a torchvision (image, target) pair; ignore instances are dropped.
+def sample_to_target(
+    sample: Sample, flip: bool = False
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A ``Sample`` as a torchvision (image, target) pair; ignore instances and boxes without
+    area are dropped.
 
     Image: float32 (3, H, W) in [0, 1]. Target: ``boxes`` float32 (N, 4) xyxy pixels and
     ``labels`` int64 (N,). ``flip`` mirrors image and boxes horizontally.
     """
-    image = torch.from_numpy(np.ascontiguousarray(sample.image)).permute(2, 0, 1).float() / 255
+    image = torch.from_numpy(np.array(sample.image)).permute(2, 0, 1).float() / 255
     kept = [inst for inst in sample.instances if not inst.ignore]
     boxes = torch.tensor(np.array([inst.box for inst in kept], np.float32).reshape(-1, 4))
     labels = torch.tensor([int(inst.label) for inst in kept], dtype=torch.int64)
     if flip:
         image = image.flip(-1)
-        boxes = torch.stack([image.shape[-1] - boxes[:, 2], boxes[:, 1],
-                             image.shape[-1] - boxes[:, 0], boxes[:, 3]], dim=1)  # fmt: skip
+        width = image.shape[-1]
+        boxes = torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], 1)
     valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
     return image, {"boxes": boxes[valid], "labels": labels[valid]}
 
 
 def batch_indices(step: int, batch_size: int, dataset_size: int, seed: int) -> list[int]:
-    """Dataset indices of step ``step``: a fresh permutation per epoch, a pure function of its args."""
+    """Dataset indices of step ``step``: a new permutation per epoch, fixed by the arguments."""
     positions = range(step * batch_size, (step + 1) * batch_size)
-    return [int(_permutation(p // dataset_size, dataset_size, seed)[p % dataset_size]) for p in positions]
+    return [
+        int(_permutation(p // dataset_size, dataset_size, seed)[p % dataset_size])
+        for p in positions
+    ]
 
 
 @lru_cache(maxsize=4)
@@ -134,14 +141,17 @@ def _flips(step: int, batch_size: int, probability: float, seed: int) -> np.ndar
     return np.random.default_rng([seed, step, 1]).random(batch_size) < probability
 
 
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", hint: str = "") -> dict:
-    """Read a checkpoint written by this module; an unreadable file raises ``CheckpointError``."""
+def load_checkpoint(path: Path, hint: str = "") -> dict:
+    """Read a checkpoint written by this module onto the CPU; an unreadable file raises
+    ``CheckpointError`` naming it, with ``hint`` saying what to do."""
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         hint = hint or "delete it to start over"
-        raise CheckpointError(f"cannot load checkpoint {path}: {exc}. It is corrupt or "
-                              f"incomplete; {hint}.") from exc  # fmt: skip
+        raise CheckpointError(
+            f"cannot load checkpoint {path}: it is corrupt or incomplete "
+            f"({type(exc).__name__}); {hint}"
+        ) from exc
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path} is not an xaibench checkpoint (no 'model' entry)")
     return state
@@ -156,11 +166,19 @@ def _make_optimizer(model: nn.Module, config: BaselineConfig) -> torch.optim.Opt
     return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
-def _resume(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-            config: BaselineConfig, device: torch.device) -> tuple[int, list[float]]:  # fmt: skip
-    state = load_checkpoint(path, device)
+def _resume(
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    config: BaselineConfig,
+    device: torch.device,
+) -> tuple[int, list[float], float]:
+    """Restore a run from ``path``; returns its step, losses so far and training seconds."""
+    state = load_checkpoint(path)
     saved, current = state["config"], config.model_dump()
-    changed = sorted(k for k in current if k not in _RESUME_FREE_FIELDS and saved.get(k) != current[k])
+    changed = sorted(
+        k for k in current if k not in _RESUME_FREE_FIELDS and saved.get(k) != current[k]
+    )
     if changed:
         raise CheckpointError(
             f"{path} was written with a different config ({', '.join(changed)}); "
@@ -171,16 +189,25 @@ def _resume(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
     torch.set_rng_state(state["rng"])
     if device.type == "cuda" and "cuda_rng" in state:
         torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return int(state["step"]), list(state["losses"])
+    return int(state["step"]), list(state["losses"]), float(state["seconds"])
 
 
-def _save(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
-          losses: list[float], config: BaselineConfig, device: torch.device) -> None:  # fmt: skip
+def _save(
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    losses: list[float],
+    seconds: float,
+    config: BaselineConfig,
+    device: torch.device,
+) -> None:
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "step": step,
         "losses": losses,
+        "seconds": seconds,
         "config": config.model_dump(),
         "rng": torch.get_rng_state(),
     }
@@ -203,7 +230,8 @@ def train(
     With ``checkpoint_dir``, the model, optimizer, step and RNG state are written to
     ``checkpoint_dir/last.pt`` every ``config.checkpoint_every`` steps and at the end, and a
     run finding that file resumes from it; a resumed run ends with the same weights as an
-    uninterrupted one. Data order and flips are a function of ``config.seed`` and the step.
+    uninterrupted one. Data order and flips are a function of ``config.seed`` and the step;
+    torch's global RNG (used inside the model, e.g. by RoI sampling) is seeded with it too.
     """
     config = config or BaselineConfig()
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -212,17 +240,19 @@ def train(
     total = config.total_iterations(len(dataset))
     path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
     torch.manual_seed(config.seed)
-    step, losses = 0, []
+    step, losses, previous_seconds = 0, [], 0.0
     if path is not None and path.exists():
-        step, losses = _resume(path, model, optimizer, config, device)
+        step, losses, previous_seconds = _resume(path, model, optimizer, config, device)
 
-    start = time.perf_counter()
+    start = time.perf_counter() - previous_seconds
     smoothed = losses[-1] if losses else None
     with tqdm(total=total, initial=step, desc="baseline", disable=not progress) as bar:
         while step < total:
             indices = batch_indices(step, config.batch_size, len(dataset), config.seed)
             flips = _flips(step, config.batch_size, config.hflip, config.seed)
-            pairs = [sample_to_target(dataset[i], bool(f)) for i, f in zip(indices, flips)]
+            pairs = [
+                sample_to_target(dataset[i], bool(f)) for i, f in zip(indices, flips, strict=True)
+            ]
             images = [image.to(device) for image, _ in pairs]
             targets = [{k: v.to(device) for k, v in target.items()} for _, target in pairs]
             for group in optimizer.param_groups:
@@ -246,6 +276,7 @@ def train(
             bar.update()
             every = config.checkpoint_every
             if path is not None and (step == total or (every and step % every == 0)):
-                _save(path, model, optimizer, step, losses, config, device)
+                seconds = time.perf_counter() - start
+                _save(path, model, optimizer, step, losses, seconds, config, device)
     model.eval()
     return TrainResult(step, time.perf_counter() - start, losses, path)

@@ -15,25 +15,42 @@ from xaibench.types import Detections
 if TYPE_CHECKING:
     from xaibench.datasets.coco import CocoDataset
 
-STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+STAT_NAMES = (
+    "AP",
+    "AP50",
+    "AP75",
+    "APs",
+    "APm",
+    "APl",
+    "AR1",
+    "AR10",
+    "AR100",
+    "ARs",
+    "ARm",
+    "ARl",
+)
 """Names of ``COCOeval.stats`` in order (AP averaged over IoU 0.5:0.95 unless named)."""
 
 
 def coco_results(detections: Sequence[Detections], dataset: CocoDataset) -> list[dict]:
     """Detections as COCO result records (``bbox`` xywh pixels, ``category_id`` of the json).
 
-    ``detections[i]`` belongs to ``dataset[i]``; predictions with label 0 (background) are skipped.
+    ``detections[i]`` belongs to ``dataset[i]``; labels are the dataset's contiguous 1..K.
+    Label 0 is skipped: it is the background, which sigmoid heads such as torchvision's FCOS
+    keep as an (untrained) output channel and can predict.
     """
     if len(detections) != len(dataset):
         raise ValueError(
             f"got detections for {len(detections)} images but the dataset has {len(dataset)}"
         )
     records = []
-    for image_id, det in zip(dataset.image_ids, detections):
+    for image_id, det in zip(dataset.image_ids, detections, strict=True):
         boxes = det.boxes.detach().cpu().double()
         xywh = boxes.clone()
         xywh[:, 2:] = boxes[:, 2:] - boxes[:, :2]
-        for box, score, label in zip(xywh.tolist(), det.scores.tolist(), det.labels.tolist()):
+        for box, score, label in zip(
+            xywh.tolist(), det.scores.tolist(), det.labels.tolist(), strict=True
+        ):
             if int(label) == 0:
                 continue
             records.append(
@@ -64,4 +81,4 @@ def evaluate_coco(detections: Sequence[Detections], dataset: CocoDataset) -> dic
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
-    return {name: float(v) for name, v in zip(STAT_NAMES, evaluator.stats)}
+    return {name: float(v) for name, v in zip(STAT_NAMES, evaluator.stats, strict=True)}
