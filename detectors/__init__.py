@@ -1,5 +1,8 @@
-"""Detector wrappers, NMS strategies and training recipes; importing registers them."""
+"""Detector wrappers, NMS strategies and training recipes; importing registers them.
 
-from xaibench.detectors import torchvision, training, zoo
+The detectron2 builders register without importing detectron2 (an optional dependency).
+"""
 
-__all__ = ["torchvision", "training", "zoo"]
+from xaibench.detectors import detectron2_builders, evidence, torchvision, training, zoo
+
+__all__ = ["detectron2_builders", "evidence", "torchvision", "training", "zoo"]

@@ -138,12 +138,16 @@ class LocalConvHead:
         ys: torch.Tensor,
         xs: torch.Tensor,
         cotangents: dict[str, torch.Tensor],
+        records: dict[str, list[LevelRecord]] | None = None,
     ) -> torch.Tensor:
         """d(sum_o cot[t, o] * out_o[y_t, x_t]) / d(level input) on each cell's window.
 
-        ``cotangents`` maps output names to (T, C_out). Returns (T, C, 2R+1, 2R+1) centred
+        ``cotangents`` maps output names to (T, C_out). ``records`` are those of the forward
+        pass being explained (default: the last recorded one; a trace passes its own, since
+        later forward passes replace ``self.records``). Returns (T, C, 2R+1, 2R+1) centred
         on (y_t, x_t), R = ``self.radius`` (cells outside the level get zero gradient).
         """
+        records = self.records if records is None else records
         total: torch.Tensor | None = None
         for name, branch in self.branches.items():
             used = [o for o in branch.outputs if o in cotangents]
@@ -155,7 +159,7 @@ class LocalConvHead:
             )
             k_out = max(branch.outputs[o].kernel_size[0] for o in used)
             r = k_out // 2
-            rec = self.records[name][level]
+            rec = records[name][level]
             for m, factor in zip(reversed(branch.tower), reversed(rec.factors), strict=True):
                 if isinstance(m, nn.Conv2d):
                     g = F.conv_transpose2d(g, m.weight)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +23,14 @@ from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import boxes as box_ops
 from torchvision.ops import roi_align
+from xaibench.detectors.feature_masks import check_masks, masks_to_layer
 from xaibench.detectors.geometry import InputGeometry
 from xaibench.detectors.local_head import Branch, LocalConvHead, flatten_tower, gather_windows
 
 from xaibench.detector import Detector, FeatureWindows, GradientMode, WhiteBoxTrace
 from xaibench.images import to_rgb_uint8
 from xaibench.registry import DETECTORS
-from xaibench.types import Detections, Provenance, Target
+from xaibench.types import ATTRIBUTES, Detections, Provenance, Target
 
 COCO_CLASS_NAMES: list[str] = [
     str(name) for name in tvd.FasterRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"]
@@ -81,7 +83,7 @@ class TorchvisionDetector(Detector):
         out = []
         for i, image in enumerate(images):
             rgb = to_rgb_uint8(image, name=f"images[{i}]")
-            t = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)
+            t = torch.tensor(rgb).permute(2, 0, 1)  # a copy: the array may be read-only
             out.append(t.to(self.device, dtype=torch.float32).div_(255.0))
         return out
 
@@ -123,6 +125,25 @@ def _model_device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
+
+
+def _masked(level: torch.Tensor, masks: torch.Tensor, geometry: InputGeometry) -> torch.Tensor:
+    """A level (1, C, h, w) times each of ``masks`` (B, h_m, w_m) placed on it -> (B, C, h, w)."""
+    return level * masks_to_layer(masks, geometry, tuple(level.shape[-2:]))[:, None].to(level)
+
+
+def _masking_hook(masks: torch.Tensor, geometry: InputGeometry) -> Callable[..., Any]:
+    """A forward hook multiplying a module's output (B, C, h, w), or each map of a dict of
+    them, by ``masks`` (B, h_m, w_m) over the original image placed on its cells."""
+
+    def hook(_module: nn.Module, _inputs: Any, output: Any) -> Any:
+        if isinstance(output, torch.Tensor):
+            return _masked(output, masks, geometry)
+        if isinstance(output, dict):
+            return type(output)((k, _masked(v, masks, geometry)) for k, v in output.items())
+        raise TypeError(f"cannot mask a module output of type {type(output).__name__}")
+
+    return hook
 
 
 # ----------------------------------------------------------------------------------
@@ -389,6 +410,7 @@ class _BaseTrace(WhiteBoxTrace):
             origin=origin,
             layer_size=layer_size,
             boxes_on_layer=self.geometry.boxes_to_layer(boxes, layer_size),
+            layer_activations=activation,
         )
 
     def _margin(
@@ -443,6 +465,66 @@ class _BaseTrace(WhiteBoxTrace):
             features = self.detector._features(self.image_list)
             state = self._graph_state(features)
             return self._graph_values(state, targets)
+
+    # feature-space perturbation and fixed output units (D-RISE in feature space, BBAM) ----
+    @torch.no_grad()
+    def detect_with_feature_masks(
+        self, masks: torch.Tensor, layer: str = "fpn", batch_size: int = 8
+    ) -> list[Detections]:
+        """Pyramid levels (``fpn`` = all of them, or one ``p<k>``) are masked on this trace's
+        features and only the heads re-run; a backbone stage or ``module:<name>`` is masked by
+        a forward hook and the whole network re-runs on the batch."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if layer == "roi":
+            raise KeyError("feature masks apply to spatial layers, not 'roi'")
+        masks = check_masks(masks).to(self.detector.device)
+        levels = self.detector.feature_levels
+        module = None if layer == "fpn" or layer in levels else self._module_for(layer)
+        base = list(self._level_features())
+        out: list[Detections] = []
+        for start in range(0, masks.shape[0], batch_size):
+            chunk = masks[start : start + batch_size]
+            b = chunk.shape[0]
+            image_list = ImageList(
+                self.image_list.tensors.expand(b, -1, -1, -1), self.image_list.image_sizes * b
+            )
+            if module is not None:
+                handle = module.register_forward_hook(_masking_hook(chunk, self.geometry))
+                try:
+                    out.extend(self.detector._detect_batch(image_list, [self.geometry] * b, True))
+                finally:
+                    handle.remove()
+                continue
+            feats = [
+                _masked(f, chunk, self.geometry)
+                if layer in ("fpn", name)
+                else f.expand(b, -1, -1, -1)
+                for name, f in zip(levels, base, strict=True)
+            ]
+            out.extend(self._detect_from_levels(feats, image_list))
+        return out
+
+    def provenance_outputs(
+        self, images: torch.Tensor, indices: Sequence[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The detector's own transform, backbone and head on ``images``, read at the units
+        (one-stage: level, cell, anchor, class; Faster R-CNN: the fixed proposal and class)."""
+        if images.dim() != 4 or images.shape[1] != 3 or len(indices) != images.shape[0]:
+            raise ValueError(
+                f"images must be (B, 3, H, W) with one index per row; got {tuple(images.shape)} "
+                f"and {len(indices)} indices"
+            )
+        if tuple(images.shape[-2:]) != self.image_size:
+            raise ValueError(
+                f"images must have the traced image's size {self.image_size}, "
+                f"got {tuple(images.shape[-2:])}"
+            )
+        self._check([Target(int(i)) for i in indices])
+        image_list, _ = self.detector.model.transform(list(images.to(self.detector.device)))
+        features = self.detector._features(image_list)
+        values = self._unit_values(features, [int(i) for i in indices])  # (5, B)
+        return values[0], values[1:].T * values.new_tensor([-1.0, -1.0, 1.0, 1.0])
 
     # family-specific -------------------------------------------------------------
     def _has_fast_path(self, layer: str) -> bool:
@@ -565,7 +647,9 @@ class OneStageTrace(_BaseTrace):
                 acts = F.pad(feat, (pad,) * 4)[None].expand(len(rows), -1, -1, -1)
                 origin = torch.full((len(rows), 2), -pad, dtype=torch.long)
             else:
-                g = F.pad(head.window_gradients(int(lv), ys, xs, cot_rows), (pad,) * 4)
+                g = F.pad(
+                    head.window_gradients(int(lv), ys, xs, cot_rows, self.records), (pad,) * 4
+                )
                 acts = gather_windows(feat, ys, xs, r + pad)
                 origin = torch.stack((ys, xs), 1).cpu() - (r + pad)
             out.append(
@@ -580,6 +664,35 @@ class OneStageTrace(_BaseTrace):
                 )
             )
         return out
+
+    def _level_features(self) -> list[torch.Tensor]:
+        return self.features
+
+    def _detect_from_levels(self, feats: list[torch.Tensor], image_list: ImageList):
+        """Detections of each image of a batch of (perturbed) pyramid levels (B, C, h, w)."""
+        raw = self.detector._head(feats, record=False)
+        return [
+            self.detector._postprocess(raw, self.anchors, self.geometry, i)
+            for i in range(feats[0].shape[0])
+        ]
+
+    def _unit_values(self, features, indices: list[int]) -> torch.Tensor:
+        """(5, B) score, -x1, -y1, x2, y2 of detection ``indices[b]``'s cell on image b."""
+        raw = self.detector._head(list(features.values()), record=False)
+        targets = [Target(i, a) for a in ATTRIBUTES for i in indices]
+        level, y, x, anchor, cls = self._target_info(targets)
+        batch = torch.arange(len(indices)).repeat(len(ATTRIBUTES)).tolist()
+        cells = {
+            name: torch.stack(
+                [
+                    raw[int(lv)][name][b, :, int(yy), int(xx)]
+                    for b, lv, yy, xx in zip(batch, level, y, x, strict=True)
+                ]
+            )
+            for name in raw[0]
+        }
+        values = self._values_from_cells(cells, targets, level, y, x, anchor, cls)
+        return values.view(len(ATTRIBUTES), len(indices))
 
 
 # ----------------------------------------------------------------------------------
@@ -715,6 +828,20 @@ class FasterRCNNDetector(TorchvisionDetector):
     def trace(self, image: np.ndarray) -> FasterRCNNTrace:
         return FasterRCNNTrace(self, image)
 
+    def trace_units(self, image: np.ndarray, units: Detections) -> FasterRCNNTrace:
+        """A trace whose targets are ``units`` (detections of an earlier trace of ``image``):
+        each is re-read from its own RoI (``provenance.proposal_box``) and class with the
+        current parameters, whatever the RPN proposes now."""
+        trace = FasterRCNNTrace(self, image)
+        boxes = units.provenance.proposal_box
+        if boxes is None:
+            raise ValueError("units.provenance.proposal_box is missing: not Faster R-CNN units")
+        sy, sx = trace.geometry.scale()
+        trace.proposals = boxes.to(trace.proposals) / boxes.new_tensor([sx, sy, sx, sy])
+        provenance = replace(units.provenance, proposal=torch.arange(len(units)))
+        trace.detections = replace(units, provenance=provenance)
+        return trace
+
 
 class FasterRCNNTrace(_BaseTrace):
     """Faster R-CNN trace. Each prediction depends on its own RoI's pooled features: the fast
@@ -776,6 +903,38 @@ class FasterRCNNTrace(_BaseTrace):
         )
         return self._values_from_outputs(logits, regression, rois, targets)
 
+    def _level_features(self) -> list[torch.Tensor]:
+        return list(self.features.values())
+
+    def _detect_from_levels(self, feats: list[torch.Tensor], image_list: ImageList):
+        """RPN, box head and post-processing on a batch of (perturbed) levels (B, C, h, w)."""
+        det = self.detector
+        features = OrderedDict(zip(det._feature_keys, feats, strict=True))
+        proposals, objectness = det._proposals(image_list, features)
+        _, logits, regression = det._box_outputs(features, proposals, image_list.image_sizes)
+        counts = [len(p) for p in proposals]
+        return [
+            det._postprocess(lg, r, p, o, self.geometry, features)
+            for lg, r, p, o in zip(
+                logits.split(counts), regression.split(counts), proposals, objectness, strict=True
+            )
+        ]
+
+    def _unit_values(self, features, indices: list[int]) -> torch.Tensor:
+        """(5, B) score, -x1, -y1, x2, y2 of detection ``indices[b]``'s proposal on image b."""
+        b = len(indices)
+        targets = [Target(i, a) for a in ATTRIBUTES for i in indices]
+        rois = self._rois(targets)
+        pooled = self.detector.model.roi_heads.box_roi_pool(
+            features, [rois[j : j + 1] for j in range(b)], self.image_list.image_sizes * b
+        )
+        logits, regression = self.detector._predict(pooled)
+        repeat = len(ATTRIBUTES)
+        values = self._values_from_outputs(
+            logits.repeat(repeat, 1), regression.repeat(repeat, 1), rois, targets
+        )
+        return values.view(repeat, b)
+
     def _exact(self, targets, layer):
         if layer != "roi":
             return super()._exact(targets, layer)
@@ -831,8 +990,12 @@ class FasterRCNNTrace(_BaseTrace):
         return self._level_windows(targets, layer, rois, g_pooled, margin)
 
     def _level_windows(self, targets, layer, rois, g_pooled, margin) -> list[FeatureWindows]:
-        """Back-propagate each RoI's pooled-feature gradient through its own RoIAlign, on a
-        crop of its level around the RoI (exact: the crop holds every sample it reads)."""
+        """Back-propagate each RoI's pooled-feature gradient through RoIAlign on a window of
+        its level that holds every sample the RoI reads (so the result is exact).
+
+        Windows lie inside the level (RoIAlign clamps at the level's edges, a window edge
+        inside the level would change that) and are grouped by size, so that one batched
+        RoIAlign and one backward serve a group with little padding."""
         pool = self.detector.model.roi_heads.box_roi_pool
         level = self.detector._roi_levels(rois)
         names = self.detector.feature_levels
@@ -840,65 +1003,99 @@ class FasterRCNNTrace(_BaseTrace):
         out = []
         lvs = level.unique().tolist() if layer == "fpn" else [names.index(layer)]
         for lv in lvs:
-            rows = torch.where(level == lv)[0] if layer == "fpn" else torch.arange(len(targets))
             fmap = feats[lv][0]
-            h, w = fmap.shape[-2:]
-            margin_lv = self._margin(margin, rows.tolist(), targets, fmap)
-            scale = pool.scales[self.detector._pooled_keys().index(self.detector._feature_keys[lv])]
-            leaves, origins = [], []
-            outs = []
-            for i in rows.tolist():
-                if int(level[i]) != lv:  # pooled from another level: no gradient here
-                    leaves.append(None)
-                    origins.append((0, 0, 0, 0))
-                    continue
-                x1, y1, x2, y2 = (rois[i] * scale).tolist()
-                y0, x0 = max(math.floor(y1) - 1, 0), max(math.floor(x1) - 1, 0)
-                ye, xe = min(math.ceil(y2) + 2, h), min(math.ceil(x2) + 2, w)
-                crop = fmap[:, y0:ye, x0:xe][None].detach().requires_grad_(True)
-                box = torch.tensor([[0.0, x1 - x0, y1 - y0, x2 - x0, y2 - y0]], device=fmap.device)
-                with torch.enable_grad():
-                    outs.append(roi_align(crop, box, pool.output_size, 1.0, pool.sampling_ratio))
-                leaves.append(crop)
-                origins.append((y0, x0, ye, xe))
-            live = [j for j, leaf in enumerate(leaves) if leaf is not None]
-            grads = (
-                torch.autograd.grad(
-                    torch.cat(outs),
-                    [leaves[j] for j in live],
-                    grad_outputs=g_pooled[rows[live]],
+            rows = torch.where(level == lv)[0].tolist()
+            if layer != "fpn":  # targets pooled from another level have no gradient here
+                others = [i for i in range(len(targets)) if int(level[i]) != lv]
+                if others:
+                    out.append(self._empty_windows(names[lv], others, targets, fmap))
+            if not rows:
+                continue
+            key = self.detector._feature_keys[lv]
+            scale = pool.scales[self.detector._pooled_keys().index(key)]
+            pad = self._margin(margin, rows, targets, fmap)
+            level_rois = rois[rows] * scale
+            spans = _roi_spans(level_rois, pad)
+            for group in _size_groups(spans[:, 2:] - spans[:, :2]):
+                out.append(
+                    self._roi_align_windows(
+                        names[lv],
+                        [rows[i] for i in group],
+                        targets,
+                        fmap,
+                        level_rois[group],
+                        spans[group],
+                        g_pooled[[rows[i] for i in group]],
+                    )
                 )
-                if live
-                else []
-            )
-            pad = margin_lv
-            hh = max([o[2] - o[0] for o in origins] + [1]) + 2 * pad
-            ww = max([o[3] - o[1] for o in origins] + [1]) + 2 * pad
-            g_win = fmap.new_zeros(len(rows), fmap.shape[0], hh, ww)
-            for j, g in zip(live, grads, strict=True):
-                y0, x0, ye, xe = origins[j]
-                g_win[j, :, pad : pad + ye - y0, pad : pad + xe - x0] = g[0]
-            origin = torch.tensor([(o[0] - pad, o[1] - pad) for o in origins], dtype=torch.long)
-            acts = _crop_windows(fmap, origin, hh, ww)
-            out.append(
-                self._windows(
-                    names[lv], rows.tolist(), targets, fmap, g_win, origin=origin, windows=acts
-                )
-            )
         return out
 
+    def _roi_align_windows(self, name, rows, targets, fmap, level_rois, spans, g_pooled):
+        """One group's windows: equal-size crops of ``fmap`` around each RoI (level cells),
+        RoIAlign on the crops and its backward for ``g_pooled`` (T, C, k, k)."""
+        pool = self.detector.model.roi_heads.box_roi_pool
+        h, w = fmap.shape[-2:]
+        hh = min(int((spans[:, 2] - spans[:, 0]).max()), h)
+        ww = min(int((spans[:, 3] - spans[:, 1]).max()), w)
+        y0 = spans[:, 0].clamp(min=0).clamp(max=h - hh)
+        x0 = spans[:, 1].clamp(min=0).clamp(max=w - ww)
+        ys = (y0[:, None] + torch.arange(hh))[:, :, None]
+        xs = (x0[:, None] + torch.arange(ww))[:, None, :]
+        windows = fmap[:, ys, xs].transpose(0, 1).contiguous()  # (T, C, hh, ww)
+        shift = torch.stack((x0, y0, x0, y0), 1).to(level_rois)
+        boxes = torch.cat((torch.arange(len(rows))[:, None].to(level_rois), level_rois - shift), 1)
+        leaf = windows.requires_grad_(True)
+        with torch.enable_grad():
+            pooled = roi_align(leaf, boxes, pool.output_size, 1.0, pool.sampling_ratio)
+            (grads,) = torch.autograd.grad(pooled, leaf, grad_outputs=g_pooled)
+        origin = torch.stack((y0, x0), 1)
+        return self._windows(name, rows, targets, fmap, grads, origin=origin, windows=leaf.detach())
 
-def _crop_windows(fmap: torch.Tensor, origin: torch.Tensor, hh: int, ww: int) -> torch.Tensor:
-    """Crops (T, C, hh, ww) of ``fmap`` (C, h, w) with top-left ``origin`` (T, 2); zeros outside."""
-    t = origin.shape[0]
-    out = fmap.new_zeros(t, fmap.shape[0], hh, ww)
-    h, w = fmap.shape[-2:]
-    for i in range(t):
-        y0, x0 = (int(v) for v in origin[i])
-        ys, xs, ye, xe = max(y0, 0), max(x0, 0), min(y0 + hh, h), min(x0 + ww, w)
-        if ye > ys and xe > xs:
-            out[i, :, ys - y0 : ye - y0, xs - x0 : xe - x0] = fmap[:, ys:ye, xs:xe]
-    return out
+    def _empty_windows(self, name, rows, targets, fmap) -> FeatureWindows:
+        """One-cell windows with zero gradient, for targets that do not depend on ``fmap``."""
+        zeros = fmap.new_zeros(len(rows), fmap.shape[0], 1, 1)
+        origin = torch.zeros(len(rows), 2, dtype=torch.long)
+        return self._windows(name, rows, targets, fmap, zeros, origin=origin, windows=zeros)
+
+
+def _roi_spans(level_rois: torch.Tensor, margin: int) -> torch.Tensor:
+    """(T, 4) [y0, x0, y1, x1) cells RoIAlign (aligned=False) reads for RoIs xyxy in level
+    cells: the bilinear neighbours of every sample (RoIs are at least one cell wide), plus
+    ``margin`` cells on each side."""
+    x1, y1, x2, y2 = level_rois.unbind(1)
+    x2, y2 = torch.maximum(x2, x1 + 1), torch.maximum(y2, y1 + 1)
+    start = torch.stack((y1.floor() - 1, x1.floor() - 1), 1) - margin
+    end = torch.stack((y2.ceil() + 2, x2.ceil() + 2), 1) + margin
+    return torch.cat((start, end), 1).long()
+
+
+def _size_groups(sizes: torch.Tensor, max_groups: int = 8) -> list[list[int]]:
+    """Split rows of (T, 2) window sizes, taken in increasing area, into at most
+    ``max_groups`` runs of least total padded volume (count x max h x max w per run)."""
+    order = torch.argsort(sizes.prod(1)).numpy()
+    hs, ws = (sizes[order, k].numpy().astype(np.float64) for k in (0, 1))
+    n = len(order)
+    upper = np.triu(np.ones((n, n), dtype=bool))  # run [i, j] for j >= i
+    run_h = np.maximum.accumulate(np.where(upper, hs[None], 0), axis=1)
+    run_w = np.maximum.accumulate(np.where(upper, ws[None], 0), axis=1)
+    count = np.arange(n)[None] - np.arange(n)[:, None] + 1
+    cost = np.where(upper, count * run_h * run_w, np.inf)  # cost[i, j]: one run over i..j
+    best, starts = [cost[0]], [np.zeros(n, dtype=int)]
+    for _ in range(1, min(max_groups, n)):
+        # the last run starts at i >= 1 after a best split of [0, i - 1]
+        total = np.full((n, n), np.inf)
+        total[1:] = best[-1][:-1, None] + cost[1:]
+        starts.append(np.argmin(total, axis=0))
+        best.append(np.minimum(best[-1], total.min(axis=0)))
+        starts[-1] = np.where(best[-1] < best[-2], starts[-1], starts[-2])
+    groups, end = [], n - 1
+    for k in range(len(best) - 1, -1, -1):
+        if end < 0:
+            break
+        first = int(starts[k][end]) if k else 0
+        groups.append(order[first : end + 1].tolist())
+        end = first - 1
+    return groups[::-1]
 
 
 # ----------------------------------------------------------------------------------
@@ -911,12 +1108,15 @@ def wrap(
     class_names: Sequence[str] | None = None,
     name: str = "torchvision",
     device: torch.device | str | None = None,
+    **options: Any,
 ) -> TorchvisionDetector:
-    """Wrap an already-built torchvision FCOS, RetinaNet or Faster R-CNN (any backbone)."""
+    """Wrap an already-built torchvision FCOS, RetinaNet or Faster R-CNN (any backbone);
+    ``options`` go to the wrapper (e.g. ``exact_level_cells`` for one-stage detectors)."""
+    common = {"class_names": class_names, "name": name, "device": device, **options}
     if isinstance(model, tvd.FCOS | tvd.RetinaNet):
-        return OneStageDetector(model, class_names=class_names, name=name, device=device)
+        return OneStageDetector(model, **common)
     if isinstance(model, tvd.FasterRCNN):
-        return FasterRCNNDetector(model, class_names=class_names, name=name, device=device)
+        return FasterRCNNDetector(model, **common)
     raise TypeError(
         f"cannot wrap {type(model).__name__}: expected torchvision FCOS, RetinaNet or FasterRCNN"
     )

@@ -1,5 +1,5 @@
 """Explanation methods, one module each; importing this package registers them in ``METHODS``."""
 
-from xaibench.methods import odam
+from xaibench.methods import bbam, drise, gradcam, odam
 
-__all__ = ["odam"]
+__all__ = ["bbam", "drise", "gradcam", "odam"]

@@ -1,12 +1,18 @@
-"""Shared fixtures: small torchvision detectors with random weights and test images."""
+"""Shared fixtures: small torchvision detectors with random weights, the trained demo detectors
+and test images."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 import torch
 from torchvision.models import detection as tvd
 from xaibench.detectors.torchvision import wrap
+
+from xaibench.detector import Detector
+from xaibench.registry import DETECTORS
 
 SMALL = {"weights": None, "weights_backbone": None, "num_classes": 4}
 
@@ -53,3 +59,26 @@ def build(family: str):
     torch.manual_seed(0)
     model = _low_threshold(FACTORIES[family]())
     return model, wrap(model, name=family)
+
+
+@pytest.fixture(scope="session")
+def demo_detector() -> Callable[[str], Detector]:
+    """``demo_detector("synthetic-fcos")``: a trained demo detector, loaded once per session
+    from the cache (trained there first if missing: a few minutes on two CPU cores)."""
+    loaded: dict[str, Detector] = {}
+
+    def get(name: str) -> Detector:
+        if name not in loaded:
+            loaded[name] = DETECTORS.build(name, progress=False)
+        return loaded[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def demo_scene() -> Callable[[int], np.ndarray]:
+    """``demo_scene(i)``: image ``i`` of the demo detectors' held-out split (160 x 160 RGB)."""
+    from xaibench.detectors.zoo import demo_data
+
+    val = demo_data()["val"]
+    return lambda i: val[i].image

@@ -8,6 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import build
+from torchvision.models import detection as tvd
+from xaibench.detectors.torchvision import wrap
 from xaibench.methods.odam import ODAM, gaussian_blur_per_target
 
 from xaibench.detector import expand_targets
@@ -53,6 +55,57 @@ def test_fast_matches_exact_on_roi_features(random_image: np.ndarray) -> None:
     exact = ODAM(layer="roi", mode="exact").explain(detector, random_image, targets, trace=trace)
     for f, e in zip(fast, exact, strict=True):
         np.testing.assert_allclose(f.map, e.map, rtol=1e-4, atol=1e-6 * e.map.max() + 1e-12)
+
+
+def test_two_stage_fast_path_is_exact_on_every_pooled_level() -> None:
+    """At 320 px the RoIs are pooled from several FPN levels; RoIAlign's backward on windows
+    grouped by size gives the exact gradients, with and without the Gaussian's margin."""
+    torch.manual_seed(0)
+    model = tvd.fasterrcnn_resnet50_fpn(
+        weights=None, weights_backbone=None, num_classes=4, min_size=320, max_size=320
+    )
+    model.roi_heads.score_thresh = 0.0
+    detector = wrap(model.eval())
+    image = np.random.default_rng(1).integers(0, 256, (320, 320, 3), dtype=np.uint8)
+    trace = detector.trace(image)
+    level = trace.detections.provenance.level
+    assert len(level.unique()) >= 2
+    picked = [i for lv in level.unique() for i in torch.where(level == lv)[0][:4].tolist()]
+    targets = [Target(i, a) for i in picked for a in ("score", "y2")]
+    for options in ({}, {"smoothing": "gaussian"}, {"layer": "p3", "direction": "signed"}):
+        fast = ODAM(**options).explain(detector, image, targets, trace=trace)
+        exact = ODAM(mode="exact", **options).explain(detector, image, targets, trace=trace)
+        for f, e in zip(fast, exact, strict=True):
+            scale = np.abs(e.map).max()
+            np.testing.assert_allclose(f.map, e.map, rtol=1e-4, atol=1e-5 * scale + 1e-12)
+        assert any(np.abs(e.map).max() > 0 for e in exact)
+
+
+@pytest.mark.parametrize("name", ["synthetic-fcos", "synthetic-frcnn"])
+def test_fast_matches_exact_on_the_trained_demo_detectors(name: str, demo_detector, demo_scene):
+    detector = demo_detector(name)
+    for i in range(2):
+        image = demo_scene(i)
+        trace = detector.trace(image)
+        assert len(trace.detections) > 0
+        targets = [Target(k, a) for k in range(min(4, len(trace.detections))) for a in ATTRIBUTES]
+        fast = ODAM().explain(detector, image, targets, trace=trace)
+        exact = ODAM(mode="exact").explain(detector, image, targets, trace=trace)
+        assert_same_maps(fast, exact)
+
+
+def test_a_trace_keeps_its_own_forward_pass(random_image: np.ndarray) -> None:
+    """Later forward passes of the same detector (another trace, detect, exact mode) must not
+    change the gradients of an earlier trace."""
+    _, detector = build("retinanet")
+    trace = detector.trace(random_image)
+    targets = targets_on_every_level(trace, per_level=1)[:4]
+    before = ODAM().explain(detector, random_image, targets, trace=trace)
+    detector.trace(random_image[::-1].copy())
+    detector.detect([random_image[:, ::-1].copy()])
+    after = ODAM().explain(detector, random_image, targets, trace=trace)
+    for b, a in zip(before, after, strict=True):
+        np.testing.assert_array_equal(a.map, b.map)
 
 
 def test_fast_windows_are_exact_without_group_norm(random_image: np.ndarray) -> None:

@@ -30,7 +30,9 @@ class FeatureWindows:
     box (T, 4) xyxy in original pixels. ``target_index`` (T,) says which of the requested
     targets each row belongs to. ``boxes_on_layer`` (T, 4) is each target's predicted box in
     layer cells (xyxy), used by size-adaptive smoothing. ``layer_size`` is the full layer's
-    (h, w): gradients outside the window are zero on the fast path.
+    (h, w): gradients outside the window are zero on the fast path. ``layer_activations``
+    (C, h, w) is the whole spatial layer the windows are cut from, where the trace provides
+    it (methods that weight the whole layer, such as Grad-CAM, need it).
     """
 
     layer: str
@@ -41,6 +43,7 @@ class FeatureWindows:
     layer_size: tuple[int, int]
     boxes_on_layer: torch.Tensor
     roi_boxes: torch.Tensor | None = None
+    layer_activations: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.target_index.shape[0])
@@ -88,6 +91,33 @@ class WhiteBoxTrace(ABC):
     def target_values(self, targets: Sequence[Target]) -> torch.Tensor:
         """The scalar value of each target (T,), e.g. to check gradients numerically."""
 
+    def detect_with_feature_masks(
+        self, masks: torch.Tensor, layer: str = "fpn", batch_size: int = 8
+    ) -> list[Detections]:
+        """Feature-space perturbation (black box beyond ``layer``): for each mask, the
+        detections (after NMS) of this image with ``layer`` multiplied by the mask and the rest
+        of the network re-run, in batches of ``batch_size``. ``masks`` (N, h, w) in [0, 1]
+        cover the original image at any resolution; each layer cell takes the mask's value at
+        its centre, cells over the input padding stay 1 (``detectors/feature_masks.py``);
+        ``"fpn"`` masks every pyramid level. Wrappers that cannot re-run part of their network
+        leave this unimplemented."""
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot re-run the network from a masked feature layer"
+        )
+
+    def provenance_outputs(
+        self, images: torch.Tensor, indices: Sequence[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Differentiable outputs of fixed prediction units on perturbed copies of the image.
+
+        ``images`` (B, 3, H, W) float in [0, 1], original size, may require grad; row b is
+        read at the output unit that produced detection ``indices[b]`` (same level, cell,
+        anchor and class; two-stage: the same proposal box). Returns its score (B,) and box
+        (B, 4) xyxy in original pixels, both differentiable w.r.t. ``images`` (BBAM)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot evaluate fixed prediction units on new images"
+        )
+
 
 class Detector(ABC):
     """A wrapped detector. ``class_names[label]`` names a label; ``feature_levels`` names the
@@ -112,6 +142,34 @@ class Detector(ABC):
     @abstractmethod
     def trace(self, image: np.ndarray) -> WhiteBoxTrace:
         """White box: one uint8 RGB (H, W, 3) image with its layers and gradients."""
+
+    def torch_module(self) -> torch.nn.Module:
+        """The torch module that holds the detector's parameters (by convention
+        ``self.model``); sanity checks re-initialise its parameters. Wrappers that keep it
+        elsewhere override this."""
+        model = getattr(self, "model", None)
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(
+                f"{type(self).__name__} keeps no torch module in .model; override "
+                "Detector.torch_module() to return the module holding its parameters"
+            )
+        return model
+
+    def trace_units(self, image: np.ndarray, units: Detections) -> WhiteBoxTrace:
+        """A trace of ``image`` whose targets index ``units`` (detections of an earlier trace
+        of this image) instead of its own detections: the same output units, by provenance,
+        read with the current parameters (sanity checks re-explain them after re-initialising
+        layers). The default is right where provenance names a fixed unit (level, cell,
+        anchor, class); it raises NotImplementedError where provenance indexes per-image
+        proposals, which wrappers of two-stage detectors may override."""
+        if units.provenance.proposal is not None:
+            raise NotImplementedError(
+                f"{type(self).__name__}: provenance indexes per-image proposals; override "
+                "Detector.trace_units to re-read the same proposals"
+            )
+        trace = self.trace(image)
+        trace.detections = units
+        return trace
 
 
 def expand_targets(targets: Sequence[Target]) -> tuple[list[Target], list[list[int]]]:

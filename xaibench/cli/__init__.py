@@ -1,4 +1,5 @@
-"""The ``xaibench`` command line: ``list``, ``data``, ``explain``, ``demo``."""
+"""The ``xaibench`` command line: ``list``, ``data``, ``explain``, ``compare``, ``evaluate``,
+``demo``."""
 
 from __future__ import annotations
 
@@ -6,14 +7,18 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from xaibench.cli.compare import compare
 from xaibench.cli.data import app as data_app
 from xaibench.cli.demo import demo
+from xaibench.cli.evaluate import evaluate
 from xaibench.cli.explain import explain
 from xaibench.registry import ALL_REGISTRIES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 app.add_typer(data_app, name="data")
 app.command()(explain)
+app.command()(compare)
+app.command()(evaluate)
 app.command()(demo)
 
 

@@ -35,6 +35,7 @@ import numpy as np
 import pycocotools.mask as mask_utils
 from PIL import Image, ImageFilter
 
+from xaibench.cache import atomic_write
 from xaibench.datasets.coco import CocoDataset, read_json
 from xaibench.registry import DATASETS
 
@@ -206,9 +207,12 @@ def generate_synthetic(
             for i, name in enumerate(out.class_names)
         ],
     }
-    out.annotation_file.write_text(json.dumps(coco, separators=(",", ":")) + "\n")
     if out.odgt_file is not None:
-        out.odgt_file.write_text("".join(line + "\n" for line in odgt_lines))
+        with atomic_write(out.odgt_file) as tmp:
+            tmp.write_text("".join(line + "\n" for line in odgt_lines))
+    # the COCO json comes last and whole: its presence marks a complete split
+    with atomic_write(out.annotation_file) as tmp:
+        tmp.write_text(json.dumps(coco, separators=(",", ":")) + "\n")
     return out
 
 

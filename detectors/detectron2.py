@@ -1,0 +1,593 @@
+"""detectron2 detectors (Faster R-CNN ``GeneralizedRCNN``, ``RetinaNet``) behind the harness's
+two views.
+
+Input: detectron2's own test-time transform (``ResizeShortestEdge`` to ``INPUT.MIN_SIZE_TEST``
+/ ``MAX_SIZE_TEST``, the model's pixel format, normalisation, padding to the backbone's size
+divisibility), so detections equal ``DefaultPredictor``'s. Post-processing is detectron2's
+(``fast_rcnn_inference_single_image``, which returns the proposal indices, and RetinaNet's
+per-level decoding re-written to keep the anchor indices), followed by its own
+``detector_postprocess`` (rescale to the original image, clip, drop empty boxes) carrying the
+provenance along.
+
+Labels: detectron2's class ``k`` (0-based, background last for softmax heads) is label
+``k + 1`` here, ``class_names[0]`` is the background and ``class_probs`` put the background
+in column 0 (zero for RetinaNet's sigmoid head), as for the torchvision wrappers and the COCO
+loaders (labels 1..K).
+
+Importing this module needs detectron2 (``python scripts/install_detectron2.py``); the
+registered builders in ``detectors/detectron2_builders.py`` import it on first use.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from xaibench.detectors.geometry import InputGeometry
+from xaibench.detectors.local_head import Branch, LocalConvHead, flatten_tower
+
+from xaibench.detector import Detector
+from xaibench.images import to_rgb_uint8
+from xaibench.types import Detections, Provenance
+
+INSTALL_HINT = (
+    "detectron2 is not installed in this environment; install it with "
+    "`python scripts/install_detectron2.py` (run by `make test`), see the README"
+)
+
+try:
+    with warnings.catch_warnings():  # detectron2 scripts some functions with torch.jit on import
+        warnings.simplefilter("ignore", FutureWarning)
+        from detectron2.config import CfgNode
+        from detectron2.data import transforms as d2_transforms
+        from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
+        from detectron2.layers import FrozenBatchNorm2d, batched_nms
+        from detectron2.modeling import GeneralizedRCNN, RetinaNet, build_model
+        from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
+        from detectron2.modeling.poolers import assign_boxes_to_levels
+        from detectron2.modeling.postprocessing import detector_postprocess
+        from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference_single_image
+        from detectron2.structures import Boxes, ImageList, Instances
+        from detectron2.utils.events import EventStorage
+        from xaibench.detectors.detectron2_config import (
+            config_file,
+            load_config,
+            load_weights,
+            small_config,
+        )
+        from xaibench.detectors.detectron2_traces import RCNNTrace, RetinaNetTrace
+except ImportError as err:  # pragma: no cover - exercised in a subprocess by the tests
+    raise ImportError(f"{INSTALL_HINT} ({err})") from err
+
+__all__ = [
+    "COCO_THING_CLASSES",
+    "Detectron2Detector",
+    "Detectron2RCNN",
+    "Detectron2RetinaNet",
+    "TrainingAdapter",
+    "build",
+    "calibrate_frozen_batchnorm",
+    "config_file",
+    "load_config",
+    "load_weights",
+    "small_config",
+    "wrap",
+]
+
+COCO_THING_CLASSES: list[str] = [c["name"] for c in COCO_CATEGORIES if c["isthing"]]
+"""The 80 classes of detectron2's COCO models, in the order of their class indices."""
+
+# ----------------------------------------------------------------------------------
+# Detectors
+# ----------------------------------------------------------------------------------
+
+
+class Detectron2Detector(Detector):
+    """Common plumbing: detectron2's test-time input transform, backbone and geometry."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        class_names: Sequence[str] | None = None,
+        name: str = "detectron2",
+        device: torch.device | str | None = None,
+        min_size: int = 800,
+        max_size: int = 1333,
+    ) -> None:
+        if min_size < 1 or max_size < min_size:
+            raise ValueError(f"need 1 <= min_size <= max_size, got {min_size}, {max_size}")
+        self.model = model.eval()
+        if device is not None:
+            self.model.to(device)
+        self.device = self.model.pixel_mean.device
+        self.name = name
+        self.input_format = model.input_format
+        if self.input_format not in ("RGB", "BGR"):
+            raise ValueError(f"model.input_format must be RGB or BGR, got {self.input_format!r}")
+        self.resize = d2_transforms.ResizeShortestEdge([min_size, min_size], max_size)
+        k = self._num_classes()
+        names = list(class_names) if class_names is not None else None
+        if names is not None and len(names) == k:  # detectron2's own list, without background
+            names = ["__background__", *names]
+        if names is None and k == len(COCO_THING_CLASSES):
+            names = ["__background__", *COCO_THING_CLASSES]
+        if names is None:
+            names = ["__background__", *(f"class{i}" for i in range(1, k + 1))]
+        if len(names) != k + 1:
+            raise ValueError(
+                f"class_names has {len(class_names or [])} entries; the model predicts {k} "
+                f"classes (give {k} names, or {k + 1} with the background first)"
+            )
+        self.class_names = names
+        shapes = model.backbone.output_shape()
+        self.strides = {name: shapes[name].stride for name in shapes}
+        self.feature_levels = self._levels(sorted(shapes, key=lambda n: shapes[n].stride))
+
+    # -- subclasses -----------------------------------------------------------------
+    def _num_classes(self) -> int:
+        raise NotImplementedError
+
+    def _levels(self, outputs: list[str]) -> list[str]:
+        """The feature levels that ``Provenance.level`` indexes."""
+        return outputs
+
+    def _detect_from_features(
+        self, image_list: ImageList, features: dict[str, torch.Tensor], geometry, nms: bool
+    ) -> list[Detections]:
+        raise NotImplementedError
+
+    # -- shared ---------------------------------------------------------------------
+    def _inputs(self, images: Sequence[np.ndarray]) -> list[dict[str, Any]]:
+        """detectron2 input dicts, exactly as ``DefaultPredictor`` builds them."""
+        inputs = []
+        for i, image in enumerate(images):
+            rgb = to_rgb_uint8(image, name=f"images[{i}]")
+            pixels = rgb[:, :, ::-1] if self.input_format == "BGR" else rgb
+            resized = self.resize.get_transform(pixels).apply_image(pixels)
+            tensor = torch.as_tensor(resized.astype("float32").transpose(2, 0, 1))
+            inputs.append({"image": tensor, "height": rgb.shape[0], "width": rgb.shape[1]})
+        return inputs
+
+    def _prepare(self, images: Sequence[np.ndarray]) -> tuple[ImageList, list[InputGeometry]]:
+        inputs = self._inputs(images)
+        image_list = self.model.preprocess_image(inputs)
+        padded = tuple(image_list.tensor.shape[-2:])
+        geometry = [
+            InputGeometry((x["height"], x["width"]), tuple(size), padded)
+            for x, size in zip(inputs, image_list.image_sizes, strict=True)
+        ]
+        return image_list, geometry
+
+    def _features(self, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.model.backbone(tensor)
+
+    @torch.no_grad()
+    def detect(
+        self, images: Sequence[np.ndarray], batch_size: int = 8, nms: bool = True
+    ) -> list[Detections]:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        results: list[Detections] = []
+        for start in range(0, len(images), batch_size):
+            image_list, geometry = self._prepare(images[start : start + batch_size])
+            features = self._features(image_list.tensor)
+            results.extend(self._detect_from_features(image_list, features, geometry, nms))
+        return results
+
+    def _finish(self, result: Instances, geometry: InputGeometry) -> Instances:
+        """detectron2's ``detector_postprocess``: boxes to the original image, clipped, empty
+        ones dropped (with every field, provenance included)."""
+        return detector_postprocess(result, *geometry.original)
+
+
+def _cells(centres: torch.Tensor, stride: torch.Tensor) -> torch.Tensor:
+    """(N, 2) xy points in resized pixels -> (N, 2) integer cells (x, y) at ``stride`` (N,)."""
+    return torch.div(centres, stride[:, None], rounding_mode="floor").long()
+
+
+class Detectron2RCNN(Detectron2Detector):
+    """Faster R-CNN (``GeneralizedRCNN`` with standard RoI heads). Provenance: the proposal
+    (index and box), its pooled FPN level, the cell of its centre there, and the class;
+    objectness is the RPN's (sigmoid of its logit)."""
+
+    def __init__(self, model: GeneralizedRCNN, **kwargs: Any) -> None:
+        heads = model.roi_heads
+        if not all(hasattr(heads, a) for a in ("box_pooler", "box_head", "box_predictor")):
+            raise TypeError(
+                f"cannot wrap RoI heads {type(heads).__name__}: expected detectron2's "
+                "StandardROIHeads (box_pooler, box_head, box_predictor)"
+            )
+        if model.proposal_generator is None:
+            raise TypeError("cannot wrap a GeneralizedRCNN without a proposal generator (RPN)")
+        super().__init__(model, **kwargs)
+        self.box_in_features = list(heads.box_in_features)
+
+    def _num_classes(self) -> int:
+        return int(self.model.roi_heads.num_classes)
+
+    def _proposals(self, image_list: ImageList, features: dict[str, torch.Tensor]):
+        proposals, _ = self.model.proposal_generator(image_list, features, None)
+        return proposals
+
+    def _pool(self, features: dict[str, torch.Tensor], rois: list[torch.Tensor]) -> torch.Tensor:
+        pooler = self.model.roi_heads.box_pooler
+        return pooler([features[f] for f in self.box_in_features], [Boxes(r) for r in rois])
+
+    def _predict(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        heads = self.model.roi_heads
+        return heads.box_predictor(heads.box_head(pooled))
+
+    def _probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """(R, K+1) class probabilities, background last, as ``predict_probs``."""
+        if getattr(self.model.roi_heads.box_predictor, "use_sigmoid_ce", False):
+            return logits.sigmoid()
+        return F.softmax(logits, dim=-1)
+
+    def _roi_levels(self, rois: torch.Tensor) -> torch.Tensor:
+        """Index into ``box_in_features`` of the level each RoI (resized px) is pooled from."""
+        pooler = self.model.roi_heads.box_pooler
+        if len(pooler.level_poolers) == 1:
+            return torch.zeros(len(rois), dtype=torch.long, device=rois.device)
+        return assign_boxes_to_levels(
+            [Boxes(rois)],
+            pooler.min_level,
+            pooler.max_level,
+            pooler.canonical_box_size,
+            pooler.canonical_level,
+        )
+
+    def _pooled_level_index(self, device: torch.device) -> torch.Tensor:
+        """For each pooled level (``box_in_features``), its index in ``feature_levels``."""
+        index = [self.feature_levels.index(name) for name in self.box_in_features]
+        return torch.tensor(index, dtype=torch.long, device=device)
+
+    def _detect_from_features(self, image_list, features, geometry, nms):
+        proposals = self._proposals(image_list, features)
+        rois = [p.proposal_boxes.tensor for p in proposals]
+        logits, deltas = self._predict(self._pool(features, rois))
+        counts = [len(p) for p in proposals]
+        return [
+            self._postprocess(lg, dl, p, g, nms)
+            for lg, dl, p, g in zip(
+                logits.split(counts), deltas.split(counts), proposals, geometry, strict=True
+            )
+        ]
+
+    def _postprocess(
+        self,
+        logits: torch.Tensor,
+        deltas: torch.Tensor,
+        proposals: Instances,
+        geometry: InputGeometry,
+        nms: bool = True,
+    ) -> Detections:
+        """``FastRCNNOutputLayers.inference`` and ``detector_postprocess`` for one image,
+        keeping the proposal index of each detection (``nms=False``: all candidates above the
+        score threshold, by descending score)."""
+        predictor = self.model.roi_heads.box_predictor
+        rois = proposals.proposal_boxes.tensor
+        boxes = predictor.box2box_transform.apply_deltas(deltas, rois)
+        probs = self._probs(logits)
+        valid = torch.where(torch.isfinite(boxes).all(1) & torch.isfinite(probs).all(1))[0]
+        result, kept = fast_rcnn_inference_single_image(
+            boxes,
+            probs,
+            geometry.resized,
+            predictor.test_score_thresh,
+            predictor.test_nms_thresh if nms else 1.0,
+            predictor.test_topk_per_image if nms else -1,
+        )
+        result.proposal = valid[kept]  # kept indexes the finite rows
+        result = self._finish(result, geometry)
+        proposal = result.proposal
+        level = self._pooled_level_index(rois.device)[self._roi_levels(rois[proposal])]
+        strides = [float(self.strides[name]) for name in self.feature_levels]
+        stride = torch.tensor(strides, device=rois.device)[level]
+        cells = _cells((rois[proposal, :2] + rois[proposal, 2:]) / 2, stride)
+        labels = result.pred_classes + 1
+        p = probs[proposal]
+        return Detections(
+            boxes=result.pred_boxes.tensor,
+            scores=result.scores,
+            labels=labels,
+            class_probs=torch.cat((p[:, -1:], p[:, :-1]), 1),
+            objectness=proposals.objectness_logits[proposal].sigmoid(),
+            provenance=Provenance(
+                level=level,
+                y=cells[:, 1],
+                x=cells[:, 0],
+                anchor=torch.zeros_like(labels),
+                class_index=labels,
+                proposal=proposal,
+                proposal_box=geometry.boxes_to_original(rois[proposal]),
+            ),
+            image_size=geometry.original,
+        )
+
+    def trace(self, image: np.ndarray) -> RCNNTrace:
+        return RCNNTrace(self, image)
+
+    def trace_units(self, image: np.ndarray, units: Detections) -> RCNNTrace:
+        """Re-read ``units`` on ``image`` with the current parameters: their own proposal boxes
+        (``provenance.proposal_box``) and classes, not this run's proposals."""
+        return RCNNTrace(self, image, units=units)
+
+
+class Detectron2RetinaNet(Detectron2Detector):
+    """RetinaNet. Provenance: level (``head_in_features``), cell, anchor and class.
+
+    ``exact_level_cells``: levels of at most this many cells are back-propagated exactly on
+    the fast path when the head uses GroupNorm (see ``local_head``)."""
+
+    def __init__(self, model: RetinaNet, exact_level_cells: int = 64, **kwargs: Any) -> None:
+        super().__init__(model, **kwargs)
+        self.exact_level_cells = exact_level_cells
+        head = model.head
+        self.num_anchors = int(model.anchor_generator.num_cell_anchors[0])
+        try:
+            self.local_head: LocalConvHead | None = LocalConvHead(
+                {
+                    "cls": Branch(flatten_tower(head.cls_subnet), {"cls_score": head.cls_score}),
+                    "reg": Branch(flatten_tower(head.bbox_subnet), {"bbox_pred": head.bbox_pred}),
+                }
+            )
+        except NotImplementedError:  # e.g. per-level BatchNorm: gradients take the exact path
+            self.local_head = None
+
+    def _num_classes(self) -> int:
+        return int(self.model.num_classes)
+
+    def _levels(self, outputs: list[str]) -> list[str]:
+        return list(self.model.head_in_features)
+
+    def _head(
+        self, levels: list[torch.Tensor], record: bool = False
+    ) -> list[dict[str, torch.Tensor]]:
+        """Raw head outputs per level: ``cls_score`` (N, A*K, h, w), ``bbox_pred`` (N, A*4,
+        h, w)."""
+        if self.local_head is None:
+            logits, deltas = self.model.head(levels)
+            return [{"cls_score": c, "bbox_pred": b} for c, b in zip(logits, deltas, strict=True)]
+        if record:
+            self.local_head.records = {name: [] for name in self.local_head.branches}
+        return [self.local_head.forward_level(f, record) for f in levels]
+
+    def _detect_from_features(self, image_list, features, geometry, nms):
+        levels = [features[f] for f in self.feature_levels]
+        scores, deltas, widths = self._flatten(self._head(levels))
+        anchors = self.model.anchor_generator(levels)
+        return [
+            self._postprocess(
+                [s[i] for s in scores], [d[i] for d in deltas], widths, anchors, g, nms
+            )
+            for i, g in enumerate(geometry)
+        ]
+
+    def _flatten(self, raw: list[dict[str, torch.Tensor]]):
+        """Per level: class scores (N, h*w*A, K) (sigmoid), box deltas (N, h*w*A, 4) in
+        detectron2's anchor order, and the level's width."""
+        scores = [permute_to_N_HWA_K(r["cls_score"], self.model.num_classes).sigmoid() for r in raw]
+        deltas = [permute_to_N_HWA_K(r["bbox_pred"], 4) for r in raw]
+        return scores, deltas, [int(r["cls_score"].shape[-1]) for r in raw]
+
+    def _postprocess(
+        self,
+        scores: list[torch.Tensor],
+        deltas: list[torch.Tensor],
+        widths: list[int],
+        anchors: list[Boxes],
+        geometry: InputGeometry,
+        nms: bool = True,
+    ) -> Detections:
+        """RetinaNet's ``inference_single_image`` (per-level threshold and top-k, decoding,
+        class-wise NMS) and ``detector_postprocess`` for one image (per level: class scores
+        (h*w*A, K), deltas (h*w*A, 4)), keeping level, anchor and class of each detection."""
+        m = self.model
+        a = self.num_anchors
+        boxes, kept_scores, classes, probs, prov = [], [], [], [], []
+        for level, (class_scores, level_deltas, width, level_anchors) in enumerate(
+            zip(scores, deltas, widths, anchors, strict=True)
+        ):
+            keep = class_scores > m.test_score_thresh
+            level_scores = class_scores[keep]
+            candidates = torch.nonzero(keep)
+            level_scores, order = level_scores.topk(
+                min(candidates.shape[0], m.test_topk_candidates)
+            )
+            anchor_idxs, class_idxs = candidates[order].unbind(dim=1)
+            boxes.append(
+                m.box2box_transform.apply_deltas(
+                    level_deltas[anchor_idxs], level_anchors.tensor[anchor_idxs]
+                )
+            )
+            kept_scores.append(level_scores)
+            classes.append(class_idxs)
+            probs.append(class_scores[anchor_idxs])
+            cell = torch.div(anchor_idxs, a, rounding_mode="floor")
+            prov.append(
+                torch.stack(
+                    (
+                        torch.full_like(anchor_idxs, level),
+                        torch.div(cell, width, rounding_mode="floor"),
+                        cell % width,
+                        anchor_idxs % a,
+                    ),
+                    1,
+                )
+            )
+        all_boxes, all_scores = torch.cat(boxes), torch.cat(kept_scores)
+        all_classes = torch.cat(classes)
+        if nms:
+            keep = batched_nms(all_boxes, all_scores, all_classes, m.test_nms_thresh)
+            keep = keep[: m.max_detections_per_image]
+        else:
+            keep = torch.arange(len(all_scores), device=all_scores.device)
+        result = Instances(
+            geometry.resized,
+            pred_boxes=Boxes(all_boxes[keep]),
+            scores=all_scores[keep],
+            pred_classes=all_classes[keep],
+            probs=torch.cat(probs)[keep],
+            provenance=torch.cat(prov)[keep],
+        )
+        result = self._finish(result, geometry)
+        labels = result.pred_classes + 1
+        level, y, x, anchor = result.provenance.unbind(1)
+        return Detections(
+            boxes=result.pred_boxes.tensor,
+            scores=result.scores,
+            labels=labels,
+            class_probs=F.pad(result.probs, (1, 0)),
+            provenance=Provenance(level=level, y=y, x=x, anchor=anchor, class_index=labels),
+            image_size=geometry.original,
+        )
+
+    def trace(self, image: np.ndarray) -> RetinaNetTrace:
+        return RetinaNetTrace(self, image)
+
+
+# ----------------------------------------------------------------------------------
+# Construction and training
+# ----------------------------------------------------------------------------------
+
+
+def wrap(
+    model: nn.Module,
+    class_names: Sequence[str] | None = None,
+    name: str = "detectron2",
+    device: torch.device | str | None = None,
+    min_size: int = 800,
+    max_size: int = 1333,
+) -> Detectron2Detector:
+    """Wrap an already-built detectron2 ``GeneralizedRCNN`` (standard RoI heads) or
+    ``RetinaNet``. ``min_size``/``max_size``: the test-time resize (``INPUT.MIN_SIZE_TEST``,
+    ``INPUT.MAX_SIZE_TEST``); ``class_names``: K names, or K + 1 with the background first."""
+    kwargs = {"class_names": class_names, "name": name, "device": device}
+    kwargs |= {"min_size": min_size, "max_size": max_size}
+    if isinstance(model, RetinaNet):
+        return Detectron2RetinaNet(model, **kwargs)
+    if isinstance(model, GeneralizedRCNN):
+        return Detectron2RCNN(model, **kwargs)
+    raise TypeError(
+        f"cannot wrap {type(model).__name__}: expected detectron2 GeneralizedRCNN or RetinaNet"
+    )
+
+
+def build(
+    config: str | Path | CfgNode,
+    weights: str | Path | None = None,
+    num_classes: int | None = None,
+    class_names: Sequence[str] | None = None,
+    min_size: int | None = None,
+    max_size: int | None = None,
+    score_thresh: float | None = None,
+    device: torch.device | str | None = None,
+    opts: Sequence[str] = (),
+    name: str = "detectron2",
+) -> Detectron2Detector:
+    """Build a detectron2 detector from a config (see ``load_config``) and wrap it.
+
+    ``weights``: None (random initialisation; the config's ``MODEL.WEIGHTS`` is ignored,
+    nothing is downloaded) or a checkpoint file. ``num_classes`` (without background; default
+    the config's, or ``len(class_names)``), ``min_size``/``max_size`` (test-time resize) and
+    ``score_thresh`` (test score threshold) override the config; ``opts`` are further
+    ``KEY VALUE`` overrides.
+    """
+    cfg = load_config(config, opts)
+    cfg.MODEL.WEIGHTS = ""
+    cfg.MODEL.DEVICE = str(device) if device is not None else "cpu"
+    if num_classes is None and class_names is not None:
+        num_classes = len(class_names) - (class_names[0] == "__background__")
+    if num_classes is not None:
+        cfg.MODEL.ROI_HEADS.NUM_CLASSES = num_classes
+        cfg.MODEL.RETINANET.NUM_CLASSES = num_classes
+    if min_size is not None:
+        cfg.INPUT.MIN_SIZE_TEST = min_size
+    if max_size is not None:
+        cfg.INPUT.MAX_SIZE_TEST = max_size
+    if score_thresh is not None:
+        cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = score_thresh
+        cfg.MODEL.RETINANET.SCORE_THRESH_TEST = score_thresh
+    model = build_model(cfg)
+    if weights is not None:
+        load_weights(model, weights)
+    return wrap(
+        model,
+        class_names=class_names,
+        name=name,
+        device=device,
+        min_size=cfg.INPUT.MIN_SIZE_TEST,
+        max_size=cfg.INPUT.MAX_SIZE_TEST,
+    )
+
+
+class TrainingAdapter(nn.Module):
+    """A detectron2 model behind the torchvision training interface of the ``baseline``
+    recipe: ``adapter(images, targets)`` returns detectron2's loss dict.
+
+    images: float (3, H, W) RGB in [0, 1], fed at their own size (no resize); targets:
+    ``boxes`` (N, 4) xyxy pixels and ``labels`` (N,) in 1..K (detectron2's class = label - 1).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, images: Sequence[torch.Tensor], targets: Sequence[dict[str, torch.Tensor]]
+    ) -> dict[str, torch.Tensor]:
+        num_classes = _num_classes(self.model)
+        inputs = []
+        for i, (image, target) in enumerate(zip(images, targets, strict=True)):
+            labels = target["labels"]
+            if len(labels) and (int(labels.min()) < 1 or int(labels.max()) > num_classes):
+                raise ValueError(
+                    f"targets[{i}]['labels'] must lie in 1..{num_classes}, got {labels.tolist()}"
+                )
+            pixels = image * 255.0
+            if self.model.input_format == "BGR":
+                pixels = pixels.flip(0)
+            instances = Instances(
+                tuple(image.shape[-2:]), gt_boxes=Boxes(target["boxes"]), gt_classes=labels - 1
+            )
+            inputs.append({"image": pixels, "instances": instances})
+        with EventStorage():  # detectron2's losses log statistics to the current storage
+            return self.model(inputs)
+
+
+def _num_classes(model: nn.Module) -> int:
+    if isinstance(model, RetinaNet):
+        return int(model.num_classes)
+    return int(model.roi_heads.num_classes)
+
+
+def calibrate_frozen_batchnorm(detector: Detectron2Detector, images: Sequence[np.ndarray]) -> int:
+    """Set the statistics of every ``FrozenBatchNorm2d`` of the detector's model to the mean and
+    variance of its input over ``images`` (uint8 RGB, through the detector's transform), so
+    that a randomly initialised network keeps activations of unit scale (detectron2's ResNets
+    use frozen statistics, which a random initialisation leaves at mean 0, variance 1, and
+    activations grow layer after layer).
+    One forward pass: each layer takes its statistics just before it runs, so later layers see
+    already normalised inputs. Returns the number of layers set."""
+    frozen = [m for m in detector.model.modules() if isinstance(m, FrozenBatchNorm2d)]
+
+    def take_statistics(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        x = inputs[0].detach()
+        module.running_mean.copy_(x.mean(dim=(0, 2, 3)))
+        module.running_var.copy_(x.var(dim=(0, 2, 3), unbiased=False))
+
+    handles = [m.register_forward_pre_hook(take_statistics) for m in frozen]
+    try:
+        with torch.no_grad():
+            image_list, _ = detector._prepare(images)
+            detector._features(image_list.tensor)
+    finally:
+        for h in handles:
+            h.remove()
+    return len(frozen)

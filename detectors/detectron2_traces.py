@@ -1,0 +1,619 @@
+"""White-box traces of the detectron2 wrappers (``detectors/detectron2.py``).
+
+The FPN levels of the image are computed once; gradients on them start from those levels
+(leaves), so only the heads run again. Backbone stages and ``module:<name>`` layers re-run the
+network with the layer's output made a leaf. ``mode="exact"`` is one autograd backward per
+target; the fast paths use each family's structure (Faster R-CNN: one pass through the box
+head, then RoIAlign on windows; RetinaNet: windowed head backprop, ``local_head``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from detectron2.layers import ROIAlign
+from detectron2.structures import Boxes, ImageList
+from torch import nn
+from torchvision.ops import roi_align
+from xaibench.detectors.feature_masks import check_masks, masks_to_layer
+from xaibench.detectors.geometry import InputGeometry
+from xaibench.detectors.local_head import gather_windows
+from xaibench.detectors.torchvision import box_edges
+
+from xaibench.detector import FeatureWindows, GradientMode, WhiteBoxTrace
+from xaibench.types import ATTRIBUTES, Detections, Target
+
+if TYPE_CHECKING:
+    from xaibench.detectors.detectron2 import (
+        Detectron2Detector,
+        Detectron2RCNN,
+        Detectron2RetinaNet,
+    )
+
+
+class Detectron2Trace(WhiteBoxTrace):
+    """Shared by both families: layers, the exact (per-target autograd) reference, placing
+    layer maps in the original image and feature-space masking.
+
+    The FPN levels of the image are computed once; gradients on them start from those levels
+    (leaves), so only the heads run again. Backbone stages and ``module:<name>`` layers re-run
+    the network with the layer's output made a leaf.
+    """
+
+    detector: Detectron2Detector
+
+    def __init__(self, detector: Detectron2Detector, image: np.ndarray) -> None:
+        self.detector = detector
+        with torch.no_grad():
+            self.image_list, (self.geometry,) = detector._prepare([image])
+            self.features = detector._features(self.image_list.tensor)
+        self.image_size = self.geometry.original
+
+    # names -----------------------------------------------------------------------
+    def _stage_owner(self) -> tuple[nn.Module, str]:
+        backbone = self.detector.model.backbone
+        body = getattr(backbone, "bottom_up", None)
+        return (body, "backbone.bottom_up.") if body is not None else (backbone, "backbone.")
+
+    def layer_names(self) -> list[str]:
+        body, _ = self._stage_owner()
+        stages = [f"backbone.{n}" for n, _ in body.named_children()]
+        return ["fpn", *self.detector.feature_levels, *stages]
+
+    def _module_for(self, layer: str) -> nn.Module:
+        if layer.startswith("module:"):
+            path = layer.removeprefix("module:")
+        elif layer.startswith("backbone."):
+            path = self._stage_owner()[1] + layer.removeprefix("backbone.")
+        else:
+            raise KeyError(
+                f"unknown layer {layer!r}; known: {', '.join(self.layer_names())}, "
+                "or 'module:<dotted.name>'"
+            )
+        try:
+            return self.detector.model.get_submodule(path)
+        except AttributeError as err:
+            raise KeyError(
+                f"layer {layer!r}: the model has no module {path!r}; known: "
+                f"{', '.join(self.layer_names())}, or 'module:<dotted.name>'"
+            ) from err
+
+    def _is_level(self, layer: str) -> bool:
+        return layer == "fpn" or layer in self.detector.feature_levels
+
+    def _check(self, targets: Sequence[Target]) -> None:
+        n = len(self.detections)
+        for t in targets:
+            if t.attribute == "combined":
+                raise ValueError(
+                    "expand 'combined' targets first (xaibench.detector.expand_targets)"
+                )
+            if t.index >= n:
+                raise IndexError(f"target index {t.index} out of range: {n} detections")
+
+    def _target_layer(self, target: Target, layer: str) -> str:
+        if layer == "fpn":
+            return self.detector.feature_levels[int(self.detections.provenance.level[target.index])]
+        return layer
+
+    # interface -------------------------------------------------------------------
+    def gradients(
+        self,
+        targets: Sequence[Target],
+        layer: str = "fpn",
+        mode: GradientMode = "fast",
+        margin: int | Callable[[torch.Tensor], int] = 0,
+    ) -> list[FeatureWindows]:
+        self._check(targets)
+        if mode not in ("fast", "exact"):
+            raise ValueError(f"mode must be 'fast' or 'exact', got {mode!r}")
+        if not self._is_level(layer) and layer != "roi":
+            self._module_for(layer)  # a clear error for an unknown layer
+        if not targets:
+            return []
+        if mode == "fast" and self._has_fast_path(layer):
+            return self._fast(targets, layer, margin)
+        return self._exact(targets, layer)
+
+    def target_values(self, targets: Sequence[Target]) -> torch.Tensor:
+        self._check(targets)
+        with torch.no_grad():
+            return self._values(self.features, targets)
+
+    def to_image(self, windows: FeatureWindows, maps: torch.Tensor) -> torch.Tensor:
+        if windows.roi_boxes is not None:
+            return self.geometry.boxes_grid_to_original(maps, windows.roi_boxes)
+        h, w = windows.layer_size
+        canvas = maps.new_zeros(maps.shape[0], h, w)
+        wh, ww = maps.shape[-2:]
+        for i in range(maps.shape[0]):
+            y0, x0 = (int(v) for v in windows.origin[i])
+            ys, xs = max(y0, 0), max(x0, 0)
+            ye, xe = min(y0 + wh, h), min(x0 + ww, w)
+            if ye > ys and xe > xs:
+                canvas[i, ys:ye, xs:xe] = maps[i, ys - y0 : ye - y0, xs - x0 : xe - x0]
+        return self.geometry.layer_to_original(canvas)
+
+    # exact reference ---------------------------------------------------------------
+    def _exact(self, targets: Sequence[Target], layer: str) -> list[FeatureWindows]:
+        groups: dict[str, list[int]] = {}
+        for i, t in enumerate(targets):
+            groups.setdefault(self._target_layer(t, layer), []).append(i)
+        with torch.enable_grad():
+            if self._is_level(layer):
+                leaves = {k: v.detach().requires_grad_(True) for k, v in self.features.items()}
+                values = self._values(leaves, targets)
+            else:
+                leaves, values = self._values_from_hooked(layer, targets)
+            out = []
+            for name, rows in groups.items():
+                a = leaves[name]
+                if a.dim() != 4 or a.shape[0] != 1:
+                    raise ValueError(
+                        f"layer {name!r} has shape {tuple(a.shape)}; expected (1, C, h, w)"
+                    )
+                grads = [
+                    torch.autograd.grad(values[i], a, retain_graph=True, allow_unused=True)[0]
+                    for i in rows
+                ]
+                grads = [torch.zeros_like(a) if g is None else g for g in grads]
+                out.append(self._windows(name, rows, targets, a.detach()[0], torch.cat(grads)))
+        return out
+
+    def _values_from_hooked(self, layer: str, targets: Sequence[Target]):
+        """Re-run the network with ``layer``'s output (or its first map) replaced by a leaf;
+        returns ({layer: leaf}, target values)."""
+        captured: dict[str, torch.Tensor] = {}
+
+        def hook(_m: nn.Module, _i: Any, output: Any) -> Any:
+            if isinstance(output, torch.Tensor):
+                captured[layer] = output.detach().requires_grad_(True)
+                return captured[layer]
+            if isinstance(output, dict) and output:
+                key = next(iter(output))
+                captured[layer] = output[key].detach().requires_grad_(True)
+                return {**output, key: captured[layer]}
+            raise TypeError(f"layer {layer!r} does not output a tensor")
+
+        handle = self._module_for(layer).register_forward_hook(hook)
+        try:
+            features = self.detector._features(self.image_list.tensor)
+        finally:
+            handle.remove()
+        if layer not in captured:
+            raise ValueError(f"layer {layer!r} is not used by the backbone")
+        return captured, self._values(features, targets)
+
+    def _windows(
+        self,
+        layer: str,
+        rows: list[int],
+        targets: Sequence[Target],
+        activation: torch.Tensor,
+        gradients: torch.Tensor,
+        origin: torch.Tensor | None = None,
+        windows: torch.Tensor | None = None,
+    ) -> FeatureWindows:
+        """Windows on a spatial layer; without ``windows`` the window is the whole layer."""
+        layer_size = (int(activation.shape[-2]), int(activation.shape[-1]))
+        det = torch.tensor([targets[i].index for i in rows], dtype=torch.long)
+        if windows is None:
+            windows = activation[None].expand(len(rows), -1, -1, -1)
+            origin = torch.zeros(len(rows), 2, dtype=torch.long)
+        return FeatureWindows(
+            layer=layer,
+            target_index=torch.tensor(rows, dtype=torch.long),
+            activations=windows,
+            gradients=gradients.detach(),
+            origin=origin,
+            layer_size=layer_size,
+            boxes_on_layer=self.geometry.boxes_to_layer(self.detections.boxes[det], layer_size),
+            layer_activations=activation,
+        )
+
+    def _margin(self, margin, rows: list[int], targets: Sequence[Target], fmap) -> int:
+        """``margin`` in cells, or computed from the targets' boxes on this layer."""
+        if not callable(margin):
+            return int(margin)
+        det = torch.tensor([targets[i].index for i in rows], dtype=torch.long)
+        size = (int(fmap.shape[-2]), int(fmap.shape[-1]))
+        return int(margin(self.geometry.boxes_to_layer(self.detections.boxes[det], size)))
+
+    # feature-space perturbation and fixed output units ---------------------------------
+    @torch.no_grad()
+    def detect_with_feature_masks(
+        self, masks: torch.Tensor, layer: str = "fpn", batch_size: int = 8
+    ) -> list[Detections]:
+        """Pyramid levels (``fpn`` = all of them, or one ``p<k>``) are masked on this trace's
+        features and only the heads re-run; a backbone stage or ``module:<name>`` is masked by
+        a forward hook and the whole network re-runs on the batch."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if layer == "roi":
+            raise KeyError("feature masks apply to spatial layers, not 'roi'")
+        all_levels = list(self.features)
+        if layer not in ("fpn", *all_levels):
+            module = self._module_for(layer)
+        masks = check_masks(masks).to(self.detector.device)
+        out: list[Detections] = []
+        for start in range(0, masks.shape[0], batch_size):
+            chunk = masks[start : start + batch_size]
+            b = chunk.shape[0]
+            tensor = self.image_list.tensor.expand(b, -1, -1, -1)
+            image_list = ImageList(tensor, self.image_list.image_sizes * b)
+            if layer in ("fpn", *all_levels):
+                features = {
+                    name: _masked(f, chunk, self.geometry)
+                    if layer in ("fpn", name)
+                    else f.expand(b, -1, -1, -1)
+                    for name, f in self.features.items()
+                }
+            else:
+                handle = module.register_forward_hook(_masking_hook(chunk, self.geometry))
+                try:
+                    features = self.detector._features(tensor)
+                finally:
+                    handle.remove()
+            geometry = [self.geometry] * b
+            out.extend(self.detector._detect_from_features(image_list, features, geometry, True))
+        return out
+
+    def provenance_outputs(
+        self, images: torch.Tensor, indices: Sequence[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Differentiable score and box of fixed units on ``images``. The input transform is
+        detectron2's, made differentiable: bilinear resize (torch, where detectron2 resizes
+        uint8 images with PIL), pixel format, normalisation and padding."""
+        if images.dim() != 4 or images.shape[1] != 3 or len(indices) != images.shape[0]:
+            raise ValueError(
+                f"images must be (B, 3, H, W) with one index per row; got {tuple(images.shape)} "
+                f"and {len(indices)} indices"
+            )
+        if tuple(images.shape[-2:]) != self.image_size:
+            raise ValueError(
+                f"images must have the traced image's size {self.image_size}, "
+                f"got {tuple(images.shape[-2:])}"
+            )
+        indices = [int(i) for i in indices]
+        self._check([Target(i) for i in indices])
+        model = self.detector.model
+        x = images.to(self.detector.device).float() * 255.0
+        if self.detector.input_format == "BGR":
+            x = x.flip(1)
+        if self.geometry.resized != self.image_size:
+            x = F.interpolate(x, size=self.geometry.resized, mode="bilinear", align_corners=False)
+        x = (x - model.pixel_mean) / model.pixel_std
+        pad_h, pad_w = self.geometry.padded[0] - x.shape[-2], self.geometry.padded[1] - x.shape[-1]
+        features = self.detector._features(F.pad(x, (0, pad_w, 0, pad_h)))
+        targets = [Target(i, a) for a in ATTRIBUTES for i in indices]
+        values = self._values(features, targets, batch=list(range(len(indices))) * 5)
+        values = values.view(len(ATTRIBUTES), len(indices))
+        return values[0], values[1:].T * values.new_tensor([-1.0, -1.0, 1.0, 1.0])
+
+    # family-specific ----------------------------------------------------------------
+    def _has_fast_path(self, layer: str) -> bool:
+        raise NotImplementedError
+
+    def _fast(self, targets, layer: str, margin) -> list[FeatureWindows]:
+        raise NotImplementedError
+
+    def _values(
+        self,
+        features: dict[str, torch.Tensor],
+        targets: Sequence[Target],
+        batch: list[int] | None = None,
+    ) -> torch.Tensor:
+        """Target values (T,) computed from pyramid ``features`` (row ``batch[t]`` of them for
+        target t; row 0 for all by default)."""
+        raise NotImplementedError
+
+
+def _masked(level: torch.Tensor, masks: torch.Tensor, geometry: InputGeometry) -> torch.Tensor:
+    """A level (1, C, h, w) times each of ``masks`` (B, h_m, w_m) placed on it -> (B, C, h, w)."""
+    return level * masks_to_layer(masks, geometry, tuple(level.shape[-2:]))[:, None].to(level)
+
+
+def _masking_hook(masks: torch.Tensor, geometry: InputGeometry) -> Callable[..., Any]:
+    """A forward hook multiplying a module's output (B, C, h, w), or each map of a dict of
+    them, by ``masks`` placed on its cells."""
+
+    def hook(_module: nn.Module, _inputs: Any, output: Any) -> Any:
+        if isinstance(output, torch.Tensor):
+            return _masked(output, masks, geometry)
+        if isinstance(output, dict):
+            return type(output)((k, _masked(v, masks, geometry)) for k, v in output.items())
+        raise TypeError(f"cannot mask a module output of type {type(output).__name__}")
+
+    return hook
+
+
+class RCNNTrace(Detectron2Trace):
+    """Faster R-CNN trace. A prediction depends on its own RoI's pooled features: the fast
+    path back-propagates all targets through the box head in one pass (one row per target),
+    then each RoI's gradient through RoIAlign on a window of its level."""
+
+    detector: Detectron2RCNN
+
+    def __init__(
+        self, detector: Detectron2RCNN, image: np.ndarray, units: Detections | None = None
+    ) -> None:
+        super().__init__(detector, image)
+        with torch.no_grad():
+            if units is None:
+                (proposals,) = detector._proposals(self.image_list, self.features)
+                rois = proposals.proposal_boxes.tensor
+                logits, deltas = detector._predict(detector._pool(self.features, [rois]))
+                self.detections = detector._postprocess(logits, deltas, proposals, self.geometry)
+                self.rois = rois[self.detections.provenance.proposal]
+            else:
+                self.detections = units
+                sy, sx = self.geometry.scale()
+                box = units.provenance.proposal_box
+                self.rois = box / box.new_tensor([sx, sy, sx, sy])
+
+    def layer_names(self) -> list[str]:
+        return [*super().layer_names(), "roi"]
+
+    def _has_fast_path(self, layer: str) -> bool:
+        pooler = self.detector.model.roi_heads.box_pooler
+        aligns = all(isinstance(p, ROIAlign) for p in pooler.level_poolers)
+        return layer == "roi" or (self._is_level(layer) and aligns)
+
+    def _target_rois(self, targets: Sequence[Target]) -> torch.Tensor:
+        """Each target's RoI in resized-input pixels (T, 4)."""
+        return self.rois[[t.index for t in targets]]
+
+    def _values_from_outputs(self, logits, deltas, rois, targets) -> torch.Tensor:
+        """Target values from per-target box-head outputs (row t explains target t)."""
+        det = [t.index for t in targets]
+        cls = self.detections.labels[det] - 1
+        rows = torch.arange(len(targets))
+        scores = self.detector._probs(logits)[rows, cls]
+        boxes = self.detector.model.roi_heads.box_predictor.box2box_transform.apply_deltas(
+            deltas, rois
+        ).view(len(targets), -1, 4)
+        boxes = boxes[rows, cls] if boxes.shape[1] > 1 else boxes[:, 0]
+        edges = box_edges(self.geometry.boxes_to_original(boxes))
+        columns = {"score": scores, "x1": edges[:, 0], "y1": edges[:, 1], "x2": edges[:, 2]}
+        columns["y2"] = edges[:, 3]
+        return torch.stack([columns[t.attribute][i] for i, t in enumerate(targets)])
+
+    def _values(self, features, targets, batch=None):
+        rois = self._target_rois(targets)
+        if batch is None:
+            pooled = self.detector._pool(features, [rois])
+        else:  # one image per target: pool each RoI from its own image
+            per_image: list[list[int]] = [
+                [] for _ in range(features[self.detector.box_in_features[0]].shape[0])
+            ]
+            for t, b in enumerate(batch):
+                per_image[b].append(t)
+            order = [t for rows in per_image for t in rows]
+            pooled_sorted = self.detector._pool(features, [rois[rows] for rows in per_image])
+            pooled = torch.empty_like(pooled_sorted)
+            pooled[order] = pooled_sorted
+        logits, deltas = self.detector._predict(pooled)
+        return self._values_from_outputs(logits, deltas, rois, targets)
+
+    def _exact(self, targets, layer):
+        if layer != "roi":
+            return super()._exact(targets, layer)
+        rois = self._target_rois(targets)
+        with torch.no_grad():
+            pooled = self.detector._pool(self.features, [rois])
+        pooled.requires_grad_(True)
+        with torch.enable_grad():
+            logits, deltas = self.detector._predict(pooled)
+            values = self._values_from_outputs(logits, deltas, rois, targets)
+            grads = [
+                torch.autograd.grad(values[i], pooled, retain_graph=True)[0][i]
+                for i in range(len(targets))
+            ]
+        return [self._roi_windows(targets, pooled.detach(), torch.stack(grads))]
+
+    def _roi_windows(self, targets, pooled, grads) -> FeatureWindows:
+        rois = self._target_rois(targets)
+        k = pooled.shape[-1]
+        boxes = self.detections.boxes[[t.index for t in targets]]
+        roi_boxes = self.geometry.boxes_to_original(rois)
+        # predicted box in the RoI grid's cells, for size-adaptive smoothing
+        scale = (k / (roi_boxes[:, 2:] - roi_boxes[:, :2]).clamp(min=1e-6)).repeat(1, 2)
+        on_grid = (boxes - roi_boxes[:, :2].repeat(1, 2)) * scale
+        return FeatureWindows(
+            layer="roi",
+            target_index=torch.arange(len(targets)),
+            activations=pooled,
+            gradients=grads,
+            origin=torch.zeros(len(targets), 2, dtype=torch.long),
+            layer_size=(k, k),
+            boxes_on_layer=on_grid,
+            roi_boxes=roi_boxes,
+        )
+
+    def _fast(self, targets, layer, margin):
+        rois = self._target_rois(targets)
+        with torch.no_grad():
+            pooled = self.detector._pool(self.features, [rois])
+        pooled.requires_grad_(True)
+        with torch.enable_grad():
+            logits, deltas = self.detector._predict(pooled)
+            values = self._values_from_outputs(logits, deltas, rois, targets)
+            (g_pooled,) = torch.autograd.grad(values.sum(), pooled)
+        if layer == "roi":
+            return [self._roi_windows(targets, pooled.detach(), g_pooled)]
+        return self._level_windows(targets, layer, rois, g_pooled, margin)
+
+    def _level_windows(self, targets, layer, rois, g_pooled, margin) -> list[FeatureWindows]:
+        """Back-propagate each RoI's pooled-feature gradient through RoIAlign on a window of
+        its level holding every cell the RoI reads (exact), all RoIs of a level in one
+        batched RoIAlign over equal-size windows that lie inside the level (RoIAlign clamps
+        at the level's edges, so a window must not end inside the level where it reads)."""
+        det = self.detector
+        poolers = det.model.roi_heads.box_pooler.level_poolers
+        level = det._pooled_level_index(rois.device)[det._roi_levels(rois)]
+        names = (
+            [layer] if layer != "fpn" else [det.feature_levels[int(lv)] for lv in level.unique()]
+        )
+        out = []
+        for name in names:
+            lv = det.feature_levels.index(name)
+            fmap = self.features[name][0]
+            rows = torch.where(level == lv)[0].tolist()
+            others = [i for i in range(len(targets)) if int(level[i]) != lv]
+            if layer != "fpn" and others:  # pooled from another level: no gradient here
+                zeros = fmap.new_zeros(len(others), fmap.shape[0], 1, 1)
+                origin = torch.zeros(len(others), 2, dtype=torch.long)
+                out.append(self._windows(name, others, targets, fmap, zeros, origin, zeros))
+            if not rows:
+                continue
+            pooler = poolers[det.box_in_features.index(name)]
+            pad = self._margin(margin, rows, targets, fmap)
+            level_rois = rois[rows] * pooler.spatial_scale
+            out.append(
+                self._roi_align_windows(
+                    name, rows, targets, fmap, level_rois, pooler, pad, g_pooled[rows]
+                )
+            )
+        return out
+
+    def _roi_align_windows(self, name, rows, targets, fmap, level_rois, pooler, pad, g_pooled):
+        h, w = fmap.shape[-2:]
+        x1, y1, x2, y2 = level_rois.unbind(1)
+        x2, y2 = torch.maximum(x2, x1 + 1), torch.maximum(y2, y1 + 1)  # RoIs read >= 1 cell
+        start = torch.stack((y1.floor() - 1, x1.floor() - 1), 1).long() - pad
+        end = torch.stack((y2.ceil() + 2, x2.ceil() + 2), 1).long() + pad
+        hh = min(int((end[:, 0] - start[:, 0]).max()), h)
+        ww = min(int((end[:, 1] - start[:, 1]).max()), w)
+        y0 = start[:, 0].clamp(min=0).clamp(max=h - hh)
+        x0 = start[:, 1].clamp(min=0).clamp(max=w - ww)
+        ys = (y0[:, None] + torch.arange(hh, device=y0.device))[:, :, None]
+        xs = (x0[:, None] + torch.arange(ww, device=x0.device))[:, None, :]
+        windows = fmap[:, ys, xs].transpose(0, 1).contiguous().requires_grad_(True)
+        shift = torch.stack((x0, y0, x0, y0), 1).to(level_rois)
+        boxes = torch.cat((torch.arange(len(rows))[:, None].to(level_rois), level_rois - shift), 1)
+        with torch.enable_grad():
+            pooled = roi_align(
+                windows, boxes, pooler.output_size, 1.0, pooler.sampling_ratio, pooler.aligned
+            )
+            (grads,) = torch.autograd.grad(pooled, windows, grad_outputs=g_pooled)
+        origin = torch.stack((y0, x0), 1).cpu()
+        return self._windows(name, rows, targets, fmap, grads, origin, windows.detach())
+
+
+class RetinaNetTrace(Detectron2Trace):
+    """RetinaNet trace. Fast path on the FPN levels: each prediction depends on a small
+    window of its level, back-propagated for all predictions at once (``local_head``)."""
+
+    detector: Detectron2RetinaNet
+
+    def __init__(self, detector: Detectron2RetinaNet, image: np.ndarray) -> None:
+        super().__init__(detector, image)
+        with torch.no_grad():
+            self.levels = [self.features[f] for f in detector.feature_levels]
+            self.raw = detector._head(self.levels, record=True)
+            self.records = detector.local_head.records if detector.local_head else None
+            self.anchors = [b.tensor for b in detector.model.anchor_generator(self.levels)]
+            scores, deltas, widths = detector._flatten(self.raw)
+            self.detections = detector._postprocess(
+                [s[0] for s in scores],
+                [d[0] for d in deltas],
+                widths,
+                [Boxes(a) for a in self.anchors],
+                self.geometry,
+            )
+
+    def _has_fast_path(self, layer: str) -> bool:
+        return self.detector.local_head is not None and self._is_level(layer)
+
+    def _target_info(self, targets: Sequence[Target]):
+        p = self.detections.provenance
+        det = torch.tensor([t.index for t in targets], dtype=torch.long)
+        return p.level[det], p.y[det], p.x[det], p.anchor[det], p.class_index[det] - 1
+
+    def _values_from_cells(self, cells, targets, level, anchor, cls, anchor_boxes) -> torch.Tensor:
+        """Target values from each target's raw head outputs at its cell ({name: (T, C_out)})."""
+        t, a = len(targets), self.detector.num_anchors
+        rows = torch.arange(t)
+        scores = cells["cls_score"].view(t, a, -1)[rows, anchor, cls].sigmoid()
+        deltas = cells["bbox_pred"].view(t, a, 4)[rows, anchor]
+        boxes = self.detector.model.box2box_transform.apply_deltas(deltas, anchor_boxes)
+        edges = box_edges(self.geometry.boxes_to_original(boxes))
+        columns = {"score": scores, "x1": edges[:, 0], "y1": edges[:, 1], "x2": edges[:, 2]}
+        columns["y2"] = edges[:, 3]
+        return torch.stack([columns[tg.attribute][i] for i, tg in enumerate(targets)])
+
+    def _anchor_boxes(self, level, y, x, anchor) -> torch.Tensor:
+        a = self.detector.num_anchors
+        return torch.stack(
+            [
+                self.anchors[int(lv)][
+                    (int(yy) * self.levels[int(lv)].shape[-1] + int(xx)) * a + int(an)
+                ]
+                for lv, yy, xx, an in zip(level, y, x, anchor, strict=True)
+            ]
+        ).reshape(-1, 4)
+
+    @staticmethod
+    def _cells(raw, level, y, x, batch: list[int]) -> dict[str, torch.Tensor]:
+        return {
+            name: torch.stack(
+                [
+                    raw[int(lv)][name][b, :, int(yy), int(xx)]
+                    for b, lv, yy, xx in zip(batch, level, y, x, strict=True)
+                ]
+            )
+            for name in ("cls_score", "bbox_pred")
+        }
+
+    def _values(self, features, targets, batch=None):
+        level, y, x, anchor, cls = self._target_info(targets)
+        raw = self.detector._head([features[f] for f in self.detector.feature_levels])
+        batch = batch if batch is not None else [0] * len(targets)
+        cells = self._cells(raw, level, y, x, batch)
+        return self._values_from_cells(
+            cells, targets, level, anchor, cls, self._anchor_boxes(level, y, x, anchor)
+        )
+
+    def _fast(self, targets, layer, margin):
+        level, y, x, anchor, cls = self._target_info(targets)
+        cells = {
+            k: v.detach().requires_grad_(True)
+            for k, v in self._cells(self.raw, level, y, x, [0] * len(targets)).items()
+        }
+        with torch.enable_grad():
+            values = self._values_from_cells(
+                cells, targets, level, anchor, cls, self._anchor_boxes(level, y, x, anchor)
+            )
+            names = list(cells)
+            grads = torch.autograd.grad(values.sum(), [cells[n] for n in names], allow_unused=True)
+        cot = {n: g for n, g in zip(names, grads, strict=True) if g is not None}
+        head = self.detector.local_head
+        r = head.radius
+        if layer == "fpn":
+            groups = [(lv, torch.where(level == lv)[0]) for lv in level.unique().tolist()]
+        else:  # predictions of other levels have no gradient on this one
+            groups = [(self.detector.feature_levels.index(layer), torch.arange(len(targets)))]
+        out = []
+        for lv, rows in groups:
+            own = level[rows] == lv
+            ys, xs = torch.where(own, y[rows], 0), torch.where(own, x[rows], 0)
+            cot_rows = {n: c[rows] * own[:, None] for n, c in cot.items()}
+            feat = self.levels[int(lv)][0]
+            pad = self._margin(margin, rows.tolist(), targets, feat)
+            h, w = feat.shape[-2:]
+            if head.has_group_norm and h * w <= self.detector.exact_level_cells:
+                g = F.pad(head.level_gradients(feat[None], ys, xs, cot_rows), (pad,) * 4)
+                acts = F.pad(feat, (pad,) * 4)[None].expand(len(rows), -1, -1, -1)
+                origin = torch.full((len(rows), 2), -pad, dtype=torch.long)
+            else:
+                g = head.window_gradients(int(lv), ys, xs, cot_rows, self.records)
+                g = F.pad(g, (pad,) * 4)  # this trace's own ReLU masks and norm scales
+                acts = gather_windows(feat, ys, xs, r + pad)
+                origin = torch.stack((ys, xs), 1) - (r + pad)
+            name = self.detector.feature_levels[int(lv)]
+            out.append(self._windows(name, rows.tolist(), targets, feat, g, origin, acts))
+        return out

@@ -1,0 +1,110 @@
+"""Ground-truth regions as pixel masks, and the checks every heat map goes through.
+
+A pixel (row r, column c) covers [c, c + 1) x [r, r + 1) in original-image coordinates; it is
+inside a box (xyxy, original pixels) when its centre (c + 0.5, r + 0.5) is, edges included,
+so a box with integer corners covers exactly (x2 - x1) * (y2 - y1) pixels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+
+from xaibench.types import Instance
+
+RegionKind = Literal["box", "mask"]
+
+
+def check_region_kinds(kinds: tuple[str, ...]) -> tuple[RegionKind, ...]:
+    """``kinds`` if each is "box" or "mask" (and there is at least one), else ValueError."""
+    for kind in kinds:
+        if kind not in ("box", "mask"):
+            raise ValueError(f"regions must be 'box' and/or 'mask', got {kind!r}")
+    if not kinds:
+        raise ValueError("regions must name at least one of 'box', 'mask'")
+    return tuple(kinds)  # type: ignore[return-value]
+
+
+def box_masks(boxes: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(N, H, W) bool: the pixels whose centres lie in each box (N, 4) xyxy; NaN boxes give
+    empty masks."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    height, width = size
+    cx = np.arange(width) + 0.5
+    cy = np.arange(height) + 0.5
+    with np.errstate(invalid="ignore"):
+        in_x = (cx[None] >= boxes[:, 0:1]) & (cx[None] <= boxes[:, 2:3])  # (N, W)
+        in_y = (cy[None] >= boxes[:, 1:2]) & (cy[None] <= boxes[:, 3:4])  # (N, H)
+    return in_y[:, :, None] & in_x[:, None, :]
+
+
+def instance_region(instance: Instance, kind: RegionKind, size: tuple[int, int]) -> np.ndarray:
+    """(H, W) bool region of a ground-truth instance: its box or its mask (all False when the
+    instance has no mask)."""
+    if kind == "box":
+        return box_masks(instance.box[None], size)[0]
+    if kind != "mask":
+        raise ValueError(f"region kind must be 'box' or 'mask', got {kind!r}")
+    if instance.mask is None:
+        return np.zeros(size, dtype=bool)
+    mask = np.asarray(instance.mask, dtype=bool)
+    if mask.shape != tuple(size):
+        raise ValueError(
+            f"instance {instance.id!r} has a {mask.shape} mask; expected the image size {size}"
+        )
+    return mask
+
+
+def target_regions(
+    instances: Sequence[Instance], gt_index: np.ndarray, kind: RegionKind, size: tuple[int, int]
+) -> tuple[np.ndarray, list[str | None]]:
+    """(N, H, W) bool region of each target's ground truth, and per row the reason it cannot
+    be used (no ground truth, no mask, empty region) or None."""
+    regions = np.zeros((len(gt_index), *size), dtype=bool)
+    reasons: list[str | None] = []
+    for row, g in enumerate(gt_index):
+        if g < 0:
+            reasons.append("no matched ground-truth instance")
+            continue
+        inst = instances[g]
+        if kind == "mask" and inst.mask is None:
+            reasons.append("ground-truth instance has no mask")
+            continue
+        regions[row] = instance_region(inst, kind, size)
+        reasons.append(None if regions[row].any() else f"ground-truth {kind} covers no pixel")
+    return regions, reasons
+
+
+def map_problems(
+    maps: np.ndarray, need_peak: bool = False, need_energy: bool = False
+) -> list[str | None]:
+    """Per map (N, H, W), why a metric cannot use it, or None.
+
+    Every metric rejects non-finite values. ``need_peak`` (pointing game, compactness, VEA):
+    a constant map has no maximum to point with. ``need_energy`` (energy PG, ODI,
+    compactness): the map must be non-negative with a positive sum.
+    """
+    maps = np.asarray(maps)
+    flat = maps.reshape(maps.shape[0], -1)
+    finite = np.isfinite(flat).all(axis=1)
+    out: list[str | None] = []
+    for i in range(flat.shape[0]):
+        row = flat[i]
+        if not finite[i]:
+            out.append("map has NaN or infinite values")
+        elif need_peak and row.max() == row.min():
+            out.append("constant map")
+        elif need_energy and row.min() < 0:
+            out.append("map has negative values (energy metrics need a non-negative map)")
+        elif need_energy and row.sum(dtype=np.float64) <= 0:
+            out.append("map sums to zero")
+        else:
+            out.append(None)
+    return out
+
+
+def first_reason(*reasons: str | None) -> str | None:
+    """The first of ``reasons`` that is not None."""
+    return next((r for r in reasons if r is not None), None)
