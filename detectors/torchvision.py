@@ -1069,7 +1069,7 @@ def _roi_spans(level_rois: torch.Tensor, margin: int) -> torch.Tensor:
     return torch.cat((start, end), 1).long()
 
 
-def _size_groups(sizes: torch.Tensor, max_groups: int = 8) -> list[list[int]]:
+def _size_groups(sizes: torch.Tensor, max_groups: int = 16) -> list[list[int]]:
     """Split rows of (T, 2) window sizes, taken in increasing area, into at most
     ``max_groups`` runs of least total padded volume (count x max h x max w per run)."""
     order = torch.argsort(sizes.prod(1)).numpy()
