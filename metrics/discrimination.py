@@ -14,7 +14,7 @@ from typing import ClassVar
 import numpy as np
 from xaibench.metrics.regions import (
     RegionKind,
-    check_region_kinds,
+    RegionMetric,
     first_reason,
     instance_region,
     map_problems,
@@ -22,7 +22,7 @@ from xaibench.metrics.regions import (
 
 from xaibench.detector import Detector
 from xaibench.method import ExplanationMethod
-from xaibench.metric import ExplainedBatch, Metric, MetricResult
+from xaibench.metric import ExplainedBatch, MetricResult
 from xaibench.registry import METRICS
 from xaibench.types import Instance
 
@@ -54,18 +54,12 @@ def _objects(
 
 
 @METRICS.register("odi")
-class ObjectDiscrimination(Metric):
+class ObjectDiscrimination(RegionMetric):
     """ODI with ground-truth boxes (``odi_box``) or masks (``odi_mask``); lower is better.
     The mask variant needs every non-crowd instance of the image to have a mask."""
 
     name = "odi"
     higher_is_better: ClassVar[dict[str, bool]] = {"odi_box": False, "odi_mask": False}
-
-    def __init__(self, regions: tuple[str, ...] = ("box", "mask")) -> None:
-        self.regions = check_region_kinds(tuple(regions))
-
-    def params(self) -> dict[str, object]:
-        return {"regions": list(self.regions)}
 
     def compute(
         self,

@@ -15,6 +15,7 @@ import numpy as np
 from scipy.integrate import trapezoid
 from xaibench.metrics.regions import (
     RegionKind,
+    RegionMetric,
     check_region_kinds,
     first_reason,
     map_problems,
@@ -115,18 +116,12 @@ def _per_region(
 
 
 @METRICS.register("pointing-game")
-class PointingGame(Metric):
+class PointingGame(RegionMetric):
     """Pointing game: 1 if the map's maximum lies in the ground-truth box (``pg_box``) or
     mask (``pg_mask``), else 0; higher is better."""
 
     name = "pointing-game"
     higher_is_better: ClassVar[dict[str, bool]] = {"pg_box": True, "pg_mask": True}
-
-    def __init__(self, regions: tuple[str, ...] = ("box", "mask")) -> None:
-        self.regions = check_region_kinds(tuple(regions))
-
-    def params(self) -> dict[str, object]:
-        return {"regions": list(self.regions)}
 
     def compute(
         self,
@@ -139,18 +134,12 @@ class PointingGame(Metric):
 
 
 @METRICS.register("energy-pg")
-class EnergyPointingGame(Metric):
+class EnergyPointingGame(RegionMetric):
     """Energy-based pointing game: sum(H * M) / sum(H), M the ground-truth box (``epg_box``)
     or mask (``epg_mask``); higher is better."""
 
     name = "energy-pg"
     higher_is_better: ClassVar[dict[str, bool]] = {"epg_box": True, "epg_mask": True}
-
-    def __init__(self, regions: tuple[str, ...] = ("box", "mask")) -> None:
-        self.regions = check_region_kinds(tuple(regions))
-
-    def params(self) -> dict[str, object]:
-        return {"regions": list(self.regions)}
 
     def compute(
         self,

@@ -12,6 +12,7 @@ from typing import Literal
 
 import numpy as np
 
+from xaibench.metric import Metric
 from xaibench.types import Instance
 
 RegionKind = Literal["box", "mask"]
@@ -108,3 +109,14 @@ def map_problems(
 def first_reason(*reasons: str | None) -> str | None:
     """The first of ``reasons`` that is not None."""
     return next((r for r in reasons if r is not None), None)
+
+
+class RegionMetric(Metric):
+    """Base of the metrics measured against each target's ground-truth box and/or mask
+    (``regions``: any of "box", "mask")."""
+
+    def __init__(self, regions: tuple[str, ...] = ("box", "mask")) -> None:
+        self.regions = check_region_kinds(tuple(regions))
+
+    def params(self) -> dict[str, object]:
+        return {"regions": list(self.regions)}
