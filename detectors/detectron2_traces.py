@@ -85,16 +85,6 @@ class Detectron2Trace(WhiteBoxTrace):
     def _is_level(self, layer: str) -> bool:
         return layer == "fpn" or layer in self.detector.feature_levels
 
-    def _check(self, targets: Sequence[Target]) -> None:
-        n = len(self.detections)
-        for t in targets:
-            if t.attribute == "combined":
-                raise ValueError(
-                    "expand 'combined' targets first (xaibench.detector.expand_targets)"
-                )
-            if t.index >= n:
-                raise IndexError(f"target index {t.index} out of range: {n} detections")
-
     def _target_layer(self, target: Target, layer: str) -> str:
         if layer == "fpn":
             return self.detector.feature_levels[int(self.detections.provenance.level[target.index])]
@@ -127,16 +117,7 @@ class Detectron2Trace(WhiteBoxTrace):
     def to_image(self, windows: FeatureWindows, maps: torch.Tensor) -> torch.Tensor:
         if windows.roi_boxes is not None:
             return self.geometry.boxes_grid_to_original(maps, windows.roi_boxes)
-        h, w = windows.layer_size
-        canvas = maps.new_zeros(maps.shape[0], h, w)
-        wh, ww = maps.shape[-2:]
-        for i in range(maps.shape[0]):
-            y0, x0 = (int(v) for v in windows.origin[i])
-            ys, xs = max(y0, 0), max(x0, 0)
-            ye, xe = min(y0 + wh, h), min(x0 + ww, w)
-            if ye > ys and xe > xs:
-                canvas[i, ys:ye, xs:xe] = maps[i, ys - y0 : ye - y0, xs - x0 : xe - x0]
-        return self.geometry.layer_to_original(canvas)
+        return self.geometry.layer_to_original(windows.on_layer(maps))
 
     # exact reference ---------------------------------------------------------------
     def _exact(self, targets: Sequence[Target], layer: str) -> list[FeatureWindows]:

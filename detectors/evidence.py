@@ -228,16 +228,6 @@ class EvidenceTrace(WhiteBoxTrace):
     def layer_names(self) -> list[str]:
         return ["fpn", LEVEL, *(f"module:{n}" for n, _ in self.detector.net.named_children())]
 
-    def _check(self, targets: Sequence[Target]) -> None:
-        n = len(self.detections)
-        for t in targets:
-            if t.attribute == "combined":
-                raise ValueError(
-                    "expand 'combined' targets first (xaibench.detector.expand_targets)"
-                )
-            if t.index >= n:
-                raise IndexError(f"target index {t.index} out of range: {n} detections")
-
     def _layer(self, layer: str, image: torch.Tensor) -> tuple[str, torch.Tensor, torch.Tensor]:
         """(name, layer activation (1, C, h, w) in the graph, logits (1, N)) for the network
         input ``image`` (1, 3, H_pad, W_pad)."""
@@ -314,15 +304,7 @@ class EvidenceTrace(WhiteBoxTrace):
         ]
 
     def to_image(self, windows: FeatureWindows, maps: torch.Tensor) -> torch.Tensor:
-        h, w = windows.layer_size
-        canvas = maps.new_zeros(maps.shape[0], h, w)
-        wh, ww = maps.shape[-2:]
-        for i in range(maps.shape[0]):
-            y0, x0 = (int(v) for v in windows.origin[i])
-            ys, xs, ye, xe = max(y0, 0), max(x0, 0), min(y0 + wh, h), min(x0 + ww, w)
-            if ye > ys and xe > xs:
-                canvas[i, ys:ye, xs:xe] = maps[i, ys - y0 : ye - y0, xs - x0 : xe - x0]
-        return self.geometry.layer_to_original(canvas)
+        return self.geometry.layer_to_original(windows.on_layer(maps))
 
     def target_values(self, targets: Sequence[Target]) -> torch.Tensor:
         self._check(targets)
