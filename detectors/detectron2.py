@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from xaibench.detectors.geometry import InputGeometry
-from xaibench.detectors.local_head import Branch, LocalConvHead, flatten_tower
+from xaibench.detectors.local_head import GN_TOLERANCE, Branch, LocalConvHead, flatten_tower
 
 from xaibench.detector import Detector
 from xaibench.images import to_rgb_uint8
@@ -322,11 +322,18 @@ class Detectron2RCNN(Detectron2Detector):
 class Detectron2RetinaNet(Detectron2Detector):
     """RetinaNet. Provenance: level (``head_in_features``), cell, anchor and class.
 
-    ``exact_level_cells``: levels of at most this many cells are back-propagated exactly on
-    the fast path when the head uses GroupNorm (see ``local_head``)."""
+    ``gn_tolerance`` and ``exact_level_cells``: when the head uses GroupNorm, as for
+    ``xaibench.detectors.torchvision.OneStageDetector``."""
 
-    def __init__(self, model: RetinaNet, exact_level_cells: int = 64, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        model: RetinaNet,
+        gn_tolerance: float = GN_TOLERANCE,
+        exact_level_cells: int = 0,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(model, **kwargs)
+        self.gn_tolerance = gn_tolerance
         self.exact_level_cells = exact_level_cells
         head = model.head
         self.num_anchors = int(model.anchor_generator.num_cell_anchors[0])

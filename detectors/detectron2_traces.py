@@ -21,7 +21,6 @@ from torch import nn
 from torchvision.ops import roi_align
 from xaibench.detectors.feature_masks import check_masks, masks_to_layer
 from xaibench.detectors.geometry import InputGeometry
-from xaibench.detectors.local_head import gather_windows
 from xaibench.detectors.torchvision import box_edges
 
 from xaibench.detector import FeatureWindows, GradientMode, WhiteBoxTrace
@@ -117,7 +116,7 @@ class Detectron2Trace(WhiteBoxTrace):
     def to_image(self, windows: FeatureWindows, maps: torch.Tensor) -> torch.Tensor:
         if windows.roi_boxes is not None:
             return self.geometry.boxes_grid_to_original(maps, windows.roi_boxes)
-        return self.geometry.layer_to_original(windows.on_layer(maps))
+        return self.geometry.windows_to_original(maps, windows.origin, windows.layer_size)
 
     # exact reference ---------------------------------------------------------------
     def _exact(self, targets: Sequence[Target], layer: str) -> list[FeatureWindows]:
@@ -573,7 +572,6 @@ class RetinaNetTrace(Detectron2Trace):
             grads = torch.autograd.grad(values.sum(), [cells[n] for n in names], allow_unused=True)
         cot = {n: g for n, g in zip(names, grads, strict=True) if g is not None}
         head = self.detector.local_head
-        r = head.radius
         if layer == "fpn":
             groups = [(lv, torch.where(level == lv)[0]) for lv in level.unique().tolist()]
         else:  # predictions of other levels have no gradient on this one
@@ -585,16 +583,18 @@ class RetinaNetTrace(Detectron2Trace):
             cot_rows = {n: c[rows] * own[:, None] for n, c in cot.items()}
             feat = self.levels[int(lv)][0]
             pad = self._margin(margin, rows.tolist(), targets, feat)
-            h, w = feat.shape[-2:]
-            if head.has_group_norm and h * w <= self.detector.exact_level_cells:
-                g = F.pad(head.level_gradients(feat[None], ys, xs, cot_rows), (pad,) * 4)
-                acts = F.pad(feat, (pad,) * 4)[None].expand(len(rows), -1, -1, -1)
-                origin = torch.full((len(rows), 2), -pad, dtype=torch.long)
-            else:
-                g = head.window_gradients(int(lv), ys, xs, cot_rows, self.records)
-                g = F.pad(g, (pad,) * 4)  # this trace's own ReLU masks and norm scales
-                acts = gather_windows(feat, ys, xs, r + pad)
-                origin = torch.stack((ys, xs), 1) - (r + pad)
+            parts = head.level_parts(
+                int(lv),
+                feat,
+                ys,
+                xs,
+                cot_rows,
+                self.records,  # this trace's own ReLU masks and norm statistics
+                self.detector.gn_tolerance,
+                self.detector.exact_level_cells,
+                pad,
+            )
             name = self.detector.feature_levels[int(lv)]
-            out.append(self._windows(name, rows.tolist(), targets, feat, g, origin, acts))
+            for part, g, origin, acts in parts:
+                out.append(self._windows(name, rows[part].tolist(), targets, feat, g, origin, acts))
         return out

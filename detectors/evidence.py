@@ -304,7 +304,7 @@ class EvidenceTrace(WhiteBoxTrace):
         ]
 
     def to_image(self, windows: FeatureWindows, maps: torch.Tensor) -> torch.Tensor:
-        return self.geometry.layer_to_original(windows.on_layer(maps))
+        return self.geometry.windows_to_original(maps, windows.origin, windows.layer_size)
 
     def target_values(self, targets: Sequence[Target]) -> torch.Tensor:
         self._check(targets)

@@ -41,27 +41,48 @@ class InputGeometry:
 
     def layer_to_original(self, maps: torch.Tensor) -> torch.Tensor:
         """Bilinearly sample layer maps (T, h_l, w_l) at every original pixel -> (T, H, W)."""
+        origin = torch.zeros(maps.shape[0], 2, dtype=torch.long)
+        return self.windows_to_original(maps, origin, (maps.shape[-2], maps.shape[-1]))
+
+    def windows_to_original(
+        self, maps: torch.Tensor, origin: torch.Tensor, layer_size: tuple[int, int]
+    ) -> torch.Tensor:
+        """Maps on windows (T, h_w, w_w) of a layer of ``layer_size`` (h_l, w_l), window t's
+        top-left cell at ``origin[t]`` (row, col; the window may run past the layer, zero
+        elsewhere), bilinearly sampled at every original pixel -> (T, H, W).
+
+        Sampling is separable: out_t = R_y[:, window rows] @ map_t @ R_x[:, window cols]^T,
+        R the per-axis bilinear weights of grid_sample (align_corners=False, border)."""
         t = maps.shape[0]
         height, width = self.original
         if t == 0:
             return maps.new_zeros(0, height, width)
-        # continuous layer coordinate of each original pixel centre, normalised for
-        # grid_sample(align_corners=False): -1 and 1 are the outer edges of the layer.
-        ys = (torch.arange(height, device=maps.device, dtype=maps.dtype) + 0.5) * (
-            self.resized[0] / height / self.padded[0]
-        )
-        xs = (torch.arange(width, device=maps.device, dtype=maps.dtype) + 0.5) * (
-            self.resized[1] / width / self.padded[1]
-        )
-        grid = torch.stack(torch.meshgrid(xs * 2 - 1, ys * 2 - 1, indexing="xy"), dim=-1)
-        out = F.grid_sample(
-            maps[:, None],
-            grid[None].expand(t, -1, -1, -1),
-            mode="bilinear",
-            padding_mode="border",
-            align_corners=False,
-        )
-        return out[:, 0]
+        rows = self._axis_weights(0, layer_size[0], origin[:, 0], maps.shape[-2], maps)
+        cols = self._axis_weights(1, layer_size[1], origin[:, 1], maps.shape[-1], maps)
+        return torch.bmm(torch.bmm(rows, maps), cols.transpose(1, 2))
+
+    def _axis_weights(
+        self, axis: int, cells: int, start: torch.Tensor, length: int, like: torch.Tensor
+    ) -> torch.Tensor:
+        """(T, original size, length) bilinear weights of the original pixels of ``axis`` on
+        the layer cells start[t] .. start[t] + length - 1 (zero for cells off the layer)."""
+        size = self.original[axis]
+        # continuous cell index of each original pixel centre, clamped to the border cells
+        pos = (torch.arange(size, device=like.device, dtype=like.dtype) + 0.5) * (
+            self.resized[axis] / size / self.padded[axis] * cells
+        ) - 0.5
+        pos = pos.clamp(0, cells - 1)
+        low = pos.floor().long()
+        frac = pos - low
+        high = (low + 1).clamp(max=cells - 1)
+        full = like.new_zeros(size, cells)
+        pixels = torch.arange(size, device=like.device)
+        full.index_put_((pixels, low), 1 - frac, accumulate=True)
+        full.index_put_((pixels, high), frac, accumulate=True)
+        pad = max(0, -int(start.min())) + max(0, int(start.max()) + length - cells)
+        full = F.pad(full, (pad, pad))
+        index = start.to(like.device)[:, None] + pad + torch.arange(length, device=like.device)
+        return full[:, index].permute(1, 0, 2)
 
     def boxes_grid_to_original(self, maps: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         """Spread per-box grids (T, k, k) over their boxes (T, 4, original pixels) -> (T, H, W);

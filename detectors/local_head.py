@@ -9,10 +9,13 @@ of many cells at once, each on its own window: one batched transposed convolutio
 instead of one full backward pass per prediction.
 
 GroupNorm is treated with its statistics held fixed: the gradient through the per-image
-mean and variance is the one part of the exact gradient the windowed path leaves out. It
-shrinks with the level's size (each cell moves the statistics by about 1/(h*w)), so small
-levels are back-propagated exactly instead (``level_gradients``), each prediction on its own
-copy of the level, in one batched pass.
+mean and variance is the one part of the exact gradient the windowed path leaves out, and it
+is dense over the level. It shrinks with the level's size (each cell moves the statistics by
+about 1/(h*w)) but not to nothing on small levels of trained heads. So the windowed pass also
+measures, per prediction and GroupNorm layer, the norm of the left-out term over the whole
+level relative to the kept one (``WindowGradients.gn_error``, computed in closed form from
+the window); predictions above a tolerance are back-propagated exactly instead
+(``level_gradients``: each on its own copy of the level, in one batched pass).
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+# Default tolerance on ``WindowGradients.gn_error`` (see ``LocalConvHead.level_parts``).
+GN_TOLERANCE = 0.03
 
 
 def flatten_tower(tower: nn.Module) -> list[nn.Module]:
@@ -69,9 +75,20 @@ class Branch:
 @dataclass
 class LevelRecord:
     """What one branch's backward needs on one level: per tower leaf, a (C, h, w) factor
-    map (ReLU mask) or a (C,) scale (normalisation), ``None`` for convolutions."""
+    map (ReLU mask) or a (C,) scale (normalisation), ``None`` for convolutions; and per
+    GroupNorm leaf its normalised input (C, h, w) (``None`` for other leaves)."""
 
     factors: list[torch.Tensor | None] = field(default_factory=list)
+    normalised: list[torch.Tensor | None] = field(default_factory=list)
+
+
+@dataclass
+class WindowGradients:
+    """Windowed input gradients (T, C, 2R+1, 2R+1) and, per target, the largest relative
+    norm (over GroupNorm layers) of the statistics term the window leaves out (T,)."""
+
+    grads: torch.Tensor
+    gn_error: torch.Tensor
 
 
 class LocalConvHead:
@@ -91,6 +108,7 @@ class LocalConvHead:
             for m in branch.tower:
                 if record:
                     rec.factors.append(_backward_factor(m, t))
+                    rec.normalised.append(_normalised(m, t))
                 t = m(t)
                 if record and isinstance(m, nn.ReLU):
                     rec.factors[-1] = (t[0] > 0).to(t.dtype)
@@ -104,32 +122,48 @@ class LocalConvHead:
     def has_group_norm(self) -> bool:
         return any(isinstance(m, nn.GroupNorm) for b in self.branches.values() for m in b.tower)
 
+    @torch.no_grad()
     def level_gradients(
         self,
-        x: torch.Tensor,
+        level: int,
+        shape: tuple[int, int],
         ys: torch.Tensor,
         xs: torch.Tensor,
         cotangents: dict[str, torch.Tensor],
+        records: dict[str, list[LevelRecord]],
     ) -> torch.Tensor:
-        """Exact d(sum_o cot[t, o] * out_o[y_t, x_t]) / d(x) over the whole level (1, C, h, w):
-        every target runs on its own copy of the level. Returns (T, C, h, w)."""
-        t = len(ys)
-        copies = x.detach().expand(t, -1, -1, -1).clone().requires_grad_(True)
-        rows = torch.arange(t, device=x.device)
-        with torch.enable_grad():
-            total = copies.new_zeros(())
-            for branch in self.branches.values():
-                used = [o for o in branch.outputs if o in cotangents]
-                if not used:
-                    continue
-                feat = copies
-                for m in branch.tower:
-                    feat = m(feat)
-                for o in used:
-                    cells = branch.outputs[o](feat)[rows, :, ys, xs]  # (T, C_out)
-                    total = total + (cells * cotangents[o]).sum()
-            (grad,) = torch.autograd.grad(total, copies)
-        return grad
+        """Exact d(sum_o cot[t, o] * out_o[y_t, x_t]) / d(level input) over the whole level
+        of ``shape`` (h, w), GroupNorm statistics included: one batched backward pass over the
+        recorded forward pass, every target on its own copy of the level. Returns
+        (T, C, h, w)."""
+        total: torch.Tensor | None = None
+        for name, branch in self.branches.items():
+            used = [o for o in branch.outputs if o in cotangents]
+            if not used:
+                continue
+            rec = records[name][level]
+            g: torch.Tensor | None = None
+            for o in used:
+                conv = branch.outputs[o]
+                cot = cotangents[o]
+                seed = cot.new_zeros((len(ys), cot.shape[1], *shape))
+                seed[torch.arange(len(ys)), :, ys, xs] = cot
+                back = F.conv_transpose2d(seed, conv.weight, padding=conv.padding)
+                g = back if g is None else g + back
+            leaves = zip(branch.tower, rec.factors, rec.normalised, strict=True)
+            for m, factor, normalised in reversed(list(leaves)):
+                if isinstance(m, nn.Conv2d):
+                    g = F.conv_transpose2d(g, m.weight, padding=m.padding)
+                elif factor is not None and factor.dim() == 1:
+                    g = g * factor[None, :, None, None]
+                    if normalised is not None:
+                        g = g - _statistics_term(g, normalised, m.num_groups)
+                elif factor is not None:
+                    g = g * factor
+            total = g if total is None else total + g
+        if total is None:
+            raise ValueError(f"no cotangent for any head output; got {sorted(cotangents)}")
+        return total
 
     @torch.no_grad()
     def window_gradients(
@@ -138,17 +172,16 @@ class LocalConvHead:
         ys: torch.Tensor,
         xs: torch.Tensor,
         cotangents: dict[str, torch.Tensor],
-        records: dict[str, list[LevelRecord]] | None = None,
-    ) -> torch.Tensor:
+        records: dict[str, list[LevelRecord]],
+    ) -> WindowGradients:
         """d(sum_o cot[t, o] * out_o[y_t, x_t]) / d(level input) on each cell's window.
 
-        ``cotangents`` maps output names to (T, C_out). ``records`` are those of the forward
-        pass being explained (default: the last recorded one; a trace passes its own, since
-        later forward passes replace ``self.records``). Returns (T, C, 2R+1, 2R+1) centred
-        on (y_t, x_t), R = ``self.radius`` (cells outside the level get zero gradient).
+        ``cotangents`` maps output names to (T, C_out); ``records`` are those of the forward
+        pass being explained. Gradients are (T, C, 2R+1, 2R+1) centred on (y_t, x_t),
+        R = ``self.radius`` (cells outside the level get zero gradient).
         """
-        records = self.records if records is None else records
         total: torch.Tensor | None = None
+        gn_error = torch.zeros(len(ys), device=ys.device)
         for name, branch in self.branches.items():
             used = [o for o in branch.outputs if o in cotangents]
             if not used:
@@ -160,12 +193,17 @@ class LocalConvHead:
             k_out = max(branch.outputs[o].kernel_size[0] for o in used)
             r = k_out // 2
             rec = records[name][level]
-            for m, factor in zip(reversed(branch.tower), reversed(rec.factors), strict=True):
+            leaves = zip(branch.tower, rec.factors, rec.normalised, strict=True)
+            for m, factor, normalised in reversed(list(leaves)):
                 if isinstance(m, nn.Conv2d):
                     g = F.conv_transpose2d(g, m.weight)
                     r += m.kernel_size[0] // 2
                 elif factor is not None and factor.dim() == 1:
                     g = g * factor[None, :, None, None]
+                    if normalised is not None:
+                        z_windows = gather_windows(normalised, ys, xs, r)
+                        err = _statistics_error(g, z_windows, normalised, m)
+                        gn_error = torch.maximum(gn_error, err)
                 elif factor is not None:
                     g = g * gather_windows(factor, ys, xs, r)
             pad = self.radius - r
@@ -173,7 +211,46 @@ class LocalConvHead:
             total = g if total is None else total + g
         if total is None:
             raise ValueError(f"no cotangent for any head output; got {sorted(cotangents)}")
-        return total
+        return WindowGradients(total, gn_error)
+
+    def level_parts(
+        self,
+        level: int,
+        feat: torch.Tensor,
+        ys: torch.Tensor,
+        xs: torch.Tensor,
+        cotangents: dict[str, torch.Tensor],
+        records: dict[str, list[LevelRecord]],
+        gn_tolerance: float,
+        exact_level_cells: int,
+        pad: int,
+    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Input gradients of the targets at (ys, xs) of one level ``feat`` (C, h, w), as parts
+        ``(positions in ys, gradients, origin (T, 2) (y, x) in cells, activations)`` with
+        ``pad`` extra cells on every side. Windowed, except on a GroupNorm head for targets
+        whose left-out statistics term exceeds ``gn_tolerance`` (relative norm) and for
+        levels of at most ``exact_level_cells`` cells: those get the whole level, exactly."""
+        windowed = self.window_gradients(level, ys, xs, cotangents, records)
+        h, w = feat.shape[-2:]
+        exact = windowed.gn_error > gn_tolerance
+        if self.has_group_norm and h * w <= exact_level_cells:
+            exact[:] = True
+        parts = []
+        keep = torch.where(~exact)[0]
+        if len(keep):
+            r = self.radius + pad
+            grads = F.pad(windowed.grads[keep], (pad,) * 4)
+            origin = torch.stack((ys[keep], xs[keep]), 1).cpu() - r
+            parts.append((keep, grads, origin, gather_windows(feat, ys[keep], xs[keep], r)))
+        redo = torch.where(exact)[0]
+        if len(redo):
+            cot = {n: c[redo] for n, c in cotangents.items()}
+            grads = self.level_gradients(level, (h, w), ys[redo], xs[redo], cot, records)
+            grads = F.pad(grads, (pad,) * 4)
+            acts = F.pad(feat, (pad,) * 4)[None].expand(len(redo), -1, -1, -1)
+            origin = torch.full((len(redo), 2), -pad, dtype=torch.long)
+            parts.append((redo, grads, origin, acts))
+        return parts
 
 
 def _backward_factor(m: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
@@ -189,6 +266,55 @@ def _backward_factor(m: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         scale = torch.rsqrt(m.running_var + m.eps)
         return scale * m.weight if m.affine else scale
     return None
+
+
+def _normalised(m: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """A GroupNorm layer's normalised input (C, h, w) of the first image; ``None`` otherwise."""
+    if not isinstance(m, nn.GroupNorm):
+        return None
+    c, h, w = x.shape[1:]
+    groups = x[:1].reshape(m.num_groups, -1)
+    mean = groups.mean(dim=-1, keepdim=True)
+    var = groups.var(dim=-1, unbiased=False, keepdim=True)
+    return ((groups - mean) * torch.rsqrt(var + m.eps)).reshape(c, h, w)
+
+
+def _statistics_term(g: torch.Tensor, z: torch.Tensor, groups: int) -> torch.Tensor:
+    """The part of a GroupNorm input gradient that flows through the statistics:
+    m1 + z * m2, m1 and m2 the means of g and g * z over each group's channels and cells.
+    ``g`` (T, C, h, w) is (gamma/sigma) * the output gradient, ``z`` (C, h, w) the
+    normalised input."""
+    t, c = g.shape[:2]
+    per_group = (t, groups, -1)
+    m1 = g.reshape(per_group).mean(-1)
+    m2 = (g * z).reshape(per_group).mean(-1)
+    m1 = m1.repeat_interleave(c // groups, 1)[:, :, None, None]
+    m2 = m2.repeat_interleave(c // groups, 1)[:, :, None, None]
+    return m1 + z * m2
+
+
+def _statistics_error(
+    g: torch.Tensor, z_windows: torch.Tensor, z: torch.Tensor, m: nn.GroupNorm
+) -> torch.Tensor:
+    """Relative norm of the term a fixed-statistics GroupNorm backward leaves out.
+
+    ``g`` (T, C, k, k) is the windowed gradient after the fixed-statistics scaling
+    (gamma/sigma) * v, ``z_windows`` the normalised input on the same windows and ``z``
+    (C, h, w) on the whole level. The exact input gradient adds -(m1 + z * m2) on every cell
+    of the level, m1 and m2 the means of g and g * z over the group's channels and all cells
+    (g is zero off the window). Returns ||added|| / ||g|| over the level, per target (T,).
+    """
+    t, c = g.shape[:2]
+    groups, per_group = m.num_groups, c // m.num_groups
+    n = z.shape[-1] * z.shape[-2] * per_group
+    m1 = g.reshape(t, groups, -1).sum(-1) / n
+    m2 = (g * z_windows).reshape(t, groups, -1).sum(-1) / n
+    m1, m2 = m1.repeat_interleave(per_group, 1), m2.repeat_interleave(per_group, 1)
+    cells = z.shape[-1] * z.shape[-2]
+    z_sum, z_sq = z.reshape(c, -1).sum(-1), (z * z).reshape(c, -1).sum(-1)
+    added = (cells * m1**2 + 2 * m1 * m2 * z_sum + m2**2 * z_sq).sum(1)
+    kept = (g * g).sum((1, 2, 3))
+    return torch.sqrt(added / kept.clamp_min(torch.finfo(g.dtype).tiny))
 
 
 def gather_windows(fmap: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, r: int) -> torch.Tensor:

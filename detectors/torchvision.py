@@ -22,10 +22,14 @@ from torchvision.models import detection as tvd
 from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import boxes as box_ops
-from torchvision.ops import roi_align
 from xaibench.detectors.feature_masks import check_masks, masks_to_layer
 from xaibench.detectors.geometry import InputGeometry
-from xaibench.detectors.local_head import Branch, LocalConvHead, flatten_tower, gather_windows
+from xaibench.detectors.local_head import (
+    GN_TOLERANCE,
+    Branch,
+    LocalConvHead,
+    flatten_tower,
+)
 
 from xaibench.detector import Detector, FeatureWindows, GradientMode, WhiteBoxTrace
 from xaibench.images import to_rgb_uint8
@@ -154,14 +158,21 @@ def _masking_hook(masks: torch.Tensor, geometry: InputGeometry) -> Callable[...,
 class OneStageDetector(TorchvisionDetector):
     """FCOS or RetinaNet. Provenance: level, cell (y, x), anchor, class.
 
-    ``exact_level_cells``: levels of at most this many cells are back-propagated exactly
-    on the fast path when the head uses GroupNorm (see ``local_head``).
+    GroupNorm heads (FCOS, RetinaNet v2) on the fast path (see ``local_head``): a target
+    whose windowed gradient leaves out more than ``gn_tolerance`` (relative norm) of the
+    GroupNorm statistics term is back-propagated exactly, as is every target on a level of at
+    most ``exact_level_cells`` cells.
     """
 
     def __init__(
-        self, model: tvd.FCOS | tvd.RetinaNet, exact_level_cells: int = 64, **kwargs: Any
+        self,
+        model: tvd.FCOS | tvd.RetinaNet,
+        gn_tolerance: float = GN_TOLERANCE,
+        exact_level_cells: int = 0,
+        **kwargs: Any,
     ) -> None:
         super().__init__(model, **kwargs)
+        self.gn_tolerance = gn_tolerance
         self.exact_level_cells = exact_level_cells
         head = model.head
         self.is_fcos = isinstance(model, tvd.FCOS)
@@ -422,7 +433,7 @@ class _BaseTrace(WhiteBoxTrace):
     def to_image(self, windows: FeatureWindows, maps: torch.Tensor) -> torch.Tensor:
         if windows.roi_boxes is not None:
             return self.geometry.boxes_grid_to_original(maps, windows.roi_boxes)
-        return self.geometry.layer_to_original(windows.on_layer(maps))
+        return self.geometry.windows_to_original(maps, windows.origin, windows.layer_size)
 
     def gradients(
         self,
@@ -610,7 +621,6 @@ class OneStageTrace(_BaseTrace):
             grads = torch.autograd.grad(values.sum(), [cells[n] for n in names], allow_unused=True)
         cot = {n: g for n, g in zip(names, grads, strict=True) if g is not None}
         head = self.detector.local_head
-        r = head.radius
         out = []
         if layer == "fpn":
             groups = [(lv, torch.where(level == lv)[0]) for lv in level.unique().tolist()]
@@ -622,28 +632,24 @@ class OneStageTrace(_BaseTrace):
             cot_rows = {n: c[rows] * own[:, None] for n, c in cot.items()}
             feat = self.features[int(lv)][0]
             pad = self._margin(margin, rows.tolist(), targets, feat)
-            h, w = feat.shape[-2:]
-            if head.has_group_norm and h * w <= self.detector.exact_level_cells:
-                g = F.pad(head.level_gradients(feat[None], ys, xs, cot_rows), (pad,) * 4)
-                acts = F.pad(feat, (pad,) * 4)[None].expand(len(rows), -1, -1, -1)
-                origin = torch.full((len(rows), 2), -pad, dtype=torch.long)
-            else:
-                g = F.pad(
-                    head.window_gradients(int(lv), ys, xs, cot_rows, self.records), (pad,) * 4
-                )
-                acts = gather_windows(feat, ys, xs, r + pad)
-                origin = torch.stack((ys, xs), 1).cpu() - (r + pad)
-            out.append(
-                self._windows(
-                    self.detector.feature_levels[int(lv)],
-                    rows.tolist(),
-                    targets,
-                    feat,
-                    g,
-                    origin=origin,
-                    windows=acts,
-                )
+            parts = head.level_parts(
+                int(lv),
+                feat,
+                ys,
+                xs,
+                cot_rows,
+                self.records,
+                self.detector.gn_tolerance,
+                self.detector.exact_level_cells,
+                pad,
             )
+            for part, g, origin, acts in parts:
+                name = self.detector.feature_levels[int(lv)]
+                out.append(
+                    self._windows(
+                        name, rows[part].tolist(), targets, feat, g, origin=origin, windows=acts
+                    )
+                )
         return out
 
     def _level_features(self) -> list[torch.Tensor]:
@@ -658,10 +664,13 @@ class OneStageTrace(_BaseTrace):
         ]
 
     def _unit_values(self, features, indices: list[int]) -> torch.Tensor:
-        """(5, B) score, -x1, -y1, x2, y2 of detection ``indices[b]``'s cell on image b."""
-        raw = self.detector._head(list(features.values()), record=False)
+        """(5, B) score, -x1, -y1, x2, y2 of detection ``indices[b]``'s cell on image b.
+        The head runs only on the levels that hold those cells."""
         targets = [Target(i, a) for a in ATTRIBUTES for i in indices]
         level, y, x, anchor, cls = self._target_info(targets)
+        feats = list(features.values())
+        head = self.detector.local_head
+        raw = {lv: head.forward_level(feats[lv], record=False) for lv in level.unique().tolist()}
         batch = torch.arange(len(indices)).repeat(len(ATTRIBUTES)).tolist()
         cells = {
             name: torch.stack(
@@ -670,7 +679,7 @@ class OneStageTrace(_BaseTrace):
                     for b, lv, yy, xx in zip(batch, level, y, x, strict=True)
                 ]
             )
-            for name in raw[0]
+            for name in next(iter(raw.values()))
         }
         values = self._values_from_cells(cells, targets, level, y, x, anchor, cls)
         return values.view(len(ATTRIBUTES), len(indices))
@@ -1025,18 +1034,38 @@ class FasterRCNNTrace(_BaseTrace):
         windows = fmap[:, ys, xs].transpose(0, 1).contiguous()  # (T, C, hh, ww)
         shift = torch.stack((x0, y0, x0, y0), 1).to(level_rois)
         boxes = torch.cat((torch.arange(len(rows))[:, None].to(level_rois), level_rois - shift), 1)
-        leaf = windows.requires_grad_(True)
-        with torch.enable_grad():
-            pooled = roi_align(leaf, boxes, pool.output_size, 1.0, pool.sampling_ratio)
-            (grads,) = torch.autograd.grad(pooled, leaf, grad_outputs=g_pooled)
+        grads = roi_align_backward(g_pooled, boxes, windows.shape, pool.sampling_ratio)
         origin = torch.stack((y0, x0), 1)
-        return self._windows(name, rows, targets, fmap, grads, origin=origin, windows=leaf.detach())
+        return self._windows(name, rows, targets, fmap, grads, origin=origin, windows=windows)
 
     def _empty_windows(self, name, rows, targets, fmap) -> FeatureWindows:
         """One-cell windows with zero gradient, for targets that do not depend on ``fmap``."""
         zeros = fmap.new_zeros(len(rows), fmap.shape[0], 1, 1)
         origin = torch.zeros(len(rows), 2, dtype=torch.long)
         return self._windows(name, rows, targets, fmap, zeros, origin=origin, windows=zeros)
+
+
+def roi_align_backward(
+    grad: torch.Tensor, boxes: torch.Tensor, shape: torch.Size, sampling_ratio: int
+) -> torch.Tensor:
+    """Gradient of ``roi_align(x, boxes, grad.shape[-2:], 1.0, sampling_ratio)`` (aligned=False)
+    with respect to ``x`` of ``shape`` (N, C, h, w), for the pooled gradient ``grad``
+    (K, C, k, k) and ``boxes`` (K, 5) (batch index, xyxy in cells): torchvision's backward
+    kernel, without the forward pass autograd would run first."""
+    n, c, h, w = shape
+    return torch.ops.torchvision._roi_align_backward(
+        grad.contiguous(),
+        boxes,
+        1.0,
+        grad.shape[-2],
+        grad.shape[-1],
+        n,
+        c,
+        h,
+        w,
+        sampling_ratio,
+        False,
+    )
 
 
 def _roi_spans(level_rois: torch.Tensor, margin: int) -> torch.Tensor:
@@ -1092,7 +1121,7 @@ def wrap(
     **options: Any,
 ) -> TorchvisionDetector:
     """Wrap an already-built torchvision FCOS, RetinaNet or Faster R-CNN (any backbone);
-    ``options`` go to the wrapper (e.g. ``exact_level_cells`` for one-stage detectors)."""
+    ``options`` go to the wrapper (``gn_tolerance``, ``exact_level_cells``: one-stage only)."""
     common = {"class_names": class_names, "name": name, "device": device, **options}
     if isinstance(model, tvd.FCOS | tvd.RetinaNet):
         return OneStageDetector(model, **common)
@@ -1101,6 +1130,9 @@ def wrap(
     raise TypeError(
         f"cannot wrap {type(model).__name__}: expected torchvision FCOS, RetinaNet or FasterRCNN"
     )
+
+
+WRAPPER_OPTIONS = ("gn_tolerance", "exact_level_cells")
 
 
 def _builder(factory: Callable[..., nn.Module], name: str) -> Callable[..., TorchvisionDetector]:
@@ -1114,7 +1146,9 @@ def _builder(factory: Callable[..., nn.Module], name: str) -> Callable[..., Torc
         **model_kwargs: Any,
     ) -> TorchvisionDetector:
         """weights: None (random), "DEFAULT" (torchvision's pretrained, needs the internet or
-        torch's cache), or a checkpoint path (a state dict, or a dict with "model")."""
+        torch's cache), or a checkpoint path (a state dict, or a dict with "model").
+        ``gn_tolerance`` and ``exact_level_cells`` go to the wrapper, the rest to torchvision."""
+        options = {k: model_kwargs.pop(k) for k in WRAPPER_OPTIONS if k in model_kwargs}
         kwargs: dict[str, Any] = {"min_size": min_size, "max_size": max_size, **model_kwargs}
         if weights == "DEFAULT":
             model = factory(weights="DEFAULT", **kwargs)
@@ -1124,7 +1158,7 @@ def _builder(factory: Callable[..., nn.Module], name: str) -> Callable[..., Torc
             model = factory(weights=None, weights_backbone=None, num_classes=num_classes, **kwargs)
             if weights is not None:
                 load_checkpoint(model, Path(weights))
-        return wrap(model, class_names=class_names, name=name, device=device)
+        return wrap(model, class_names=class_names, name=name, device=device, **options)
 
     build.__name__ = f"build_{name.replace('-', '_')}"
     return build

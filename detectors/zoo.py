@@ -18,9 +18,8 @@ import statistics
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torchvision
@@ -141,25 +140,16 @@ DEMO_DATA = {"train": (2000, 0), "val": (500, 1)}
 
 @dataclass(frozen=True)
 class DemoSpec:
-    """How a demo detector is built (torch seed ``model_seed``), trained and wrapped
-    (``wrap_options`` go to ``xaibench.detectors.torchvision.wrap``)."""
+    """How a demo detector is built (torch seed ``model_seed``) and trained."""
 
     build: Callable[[int], nn.Module]
     config: BaselineConfig
     model_seed: int = 0
-    wrap_options: dict[str, Any] = field(default_factory=dict)
 
 
 _ADAMW = {"optimizer": "adamw", "lr": 2e-3, "weight_decay": 0.05, "batch_size": 4}
 DEMOS: dict[str, DemoSpec] = {
-    # every level of a 160 px image (at most 20 x 20 cells) is back-propagated exactly on
-    # ODAM's fast path: GroupNorm's statistics make the windowed gradient of this trained
-    # head inexact (Pearson 0.70-0.75 against the exact maps on its 10 x 10 and 20 x 20 levels)
-    "synthetic-fcos": DemoSpec(
-        build_small_fcos,
-        BaselineConfig(iterations=5000, **_ADAMW),
-        wrap_options={"exact_level_cells": 400},
-    ),
+    "synthetic-fcos": DemoSpec(build_small_fcos, BaselineConfig(iterations=5000, **_ADAMW)),
     "synthetic-frcnn": DemoSpec(build_small_frcnn, BaselineConfig(iterations=3000, **_ADAMW)),
 }
 
@@ -197,7 +187,7 @@ def load_demo(
     model = spec.build(len(DEMO_CLASS_NAMES))
     if weights.exists():
         _load_weights(model, weights)
-        return wrap(model, DEMO_CLASS_NAMES, name, device, **spec.wrap_options)
+        return wrap(model, DEMO_CLASS_NAMES, name, device)
     return _train_demo(name, model, root, device, progress)
 
 
@@ -220,7 +210,7 @@ def _train_demo(
     if device is not None:
         config = config.model_copy(update={"device": str(device)})
     result = train(model, data["train"], config, folder / "checkpoints", progress=progress)
-    detector = wrap(model, DEMO_CLASS_NAMES, name, device, **DEMOS[name].wrap_options)
+    detector = wrap(model, DEMO_CLASS_NAMES, name, device)
     val = data["val"]
     started = time.perf_counter()
     metrics = evaluate_coco(detector.detect([val[i].image for i in range(len(val))]), val)

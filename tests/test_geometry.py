@@ -70,3 +70,25 @@ def test_roi_grid_spreads_over_its_box() -> None:
     inside = torch.zeros_like(out, dtype=torch.bool)
     inside[10:50, 20:60] = True
     assert torch.allclose(out[inside], torch.ones(())) and bool((out[~inside] == 0.0).all())
+
+
+def test_windows_sample_like_grid_sample_on_the_whole_layer() -> None:
+    """Windows that run past the layer's edges, placed on the layer and sampled with
+    grid_sample (align_corners=False, border), give the same image maps."""
+    torch.manual_seed(0)
+    h, w = 16, 28
+    maps = torch.rand(3, 5, 7)
+    origin = torch.tensor([[-2, -3], [6, 10], [13, 24]])
+    placed = torch.zeros(3, h, w)
+    for i, (y0, x0) in enumerate(origin.tolist()):
+        for dy in range(5):
+            for dx in range(7):
+                if 0 <= y0 + dy < h and 0 <= x0 + dx < w:
+                    placed[i, y0 + dy, x0 + dx] = maps[i, dy, dx]
+    # original pixel centres in normalised layer coordinates (the padding is cropped)
+    ys = (torch.arange(100) + 0.5) * (128 / 100 / 128) * 2 - 1
+    xs = (torch.arange(170) + 0.5) * (217 / 170 / 224) * 2 - 1
+    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1)[None].expand(3, -1, -1, -1)
+    reference = F.grid_sample(placed[:, None], grid, align_corners=False, padding_mode="border")
+    ours = GEOMETRY.windows_to_original(maps, origin, (h, w))
+    assert torch.allclose(ours, reference[:, 0], atol=1e-6)

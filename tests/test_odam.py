@@ -13,7 +13,7 @@ from xaibench.detectors.torchvision import wrap
 from xaibench.methods.odam import ODAM, gaussian_blur_per_target
 
 from xaibench.detector import expand_targets
-from xaibench.registry import METHODS
+from xaibench.registry import DETECTORS, METHODS
 from xaibench.types import ATTRIBUTES, Target
 
 
@@ -92,6 +92,31 @@ def test_fast_matches_exact_on_the_trained_demo_detectors(name: str, demo_detect
         fast = ODAM().explain(detector, image, targets, trace=trace)
         exact = ODAM(mode="exact").explain(detector, image, targets, trace=trace)
         assert_same_maps(fast, exact)
+
+
+def tiled_scene(demo_scene, n: int, first: int) -> np.ndarray:
+    """n x n held-out scenes side by side: objects at the training scale, levels n^2 larger."""
+    tiles = [demo_scene(first + k) for k in range(n * n)]
+    return np.concatenate([np.concatenate(tiles[r * n : (r + 1) * n], 1) for r in range(n)])
+
+
+@pytest.mark.parametrize("tiles", [2, 3])
+def test_group_norm_guard_on_the_trained_demo_fcos_at_larger_sizes(tiles: int, demo_scene):
+    """On 320 and 480 px inputs the measured statistics term sends almost every prediction of
+    this small trained head (two channels per group) to the exact route; without that guard
+    some windowed maps fall below Pearson 0.99."""
+    detector = DETECTORS.build("synthetic-fcos", progress=False)  # own copy: sizes change
+    size = 160 * tiles
+    detector.model.transform.min_size, detector.model.transform.max_size = (size,), size
+    image = tiled_scene(demo_scene, tiles, first=16)
+    trace = detector.trace(image)
+    targets = [Target(k, a) for k in range(min(8, len(trace.detections))) for a in ATTRIBUTES]
+    exact = ODAM(mode="exact").explain(detector, image, targets, trace=trace)
+    assert_same_maps(ODAM().explain(detector, image, targets, trace=trace), exact)
+    detector.gn_tolerance = float("inf")  # the fixed-statistics approximation everywhere
+    unguarded = ODAM().explain(detector, image, targets, trace=trace)
+    pairs = zip(unguarded, exact, strict=True)
+    assert min(pearson(f.map, e.map) for f, e in pairs if e.map.max() > 0) < 0.99
 
 
 def test_a_trace_keeps_its_own_forward_pass(random_image: np.ndarray) -> None:

@@ -130,6 +130,11 @@ def test_registered_builders_and_unknown_names() -> None:
         DETECTORS.get("fcos_resnet50")
 
 
+def test_registered_builders_pass_wrapper_options() -> None:
+    detector = DETECTORS.build("fcos_resnet50_fpn", min_size=64, max_size=64, gn_tolerance=0.5)
+    assert detector.gn_tolerance == 0.5 and detector.model.transform.min_size == (64,)
+
+
 def test_checkpoint_path_round_trip(tmp_path) -> None:
     build_fcos = DETECTORS.get("fcos_resnet50_fpn")
     torch.manual_seed(1)

@@ -48,19 +48,6 @@ class FeatureWindows:
     def __len__(self) -> int:
         return int(self.target_index.shape[0])
 
-    def on_layer(self, maps: torch.Tensor) -> torch.Tensor:
-        """Per-target window maps (T, h_w, w_w) placed on the full layer (T, h, w); cells
-        outside every window are zero, window cells outside the layer are dropped."""
-        h, w = self.layer_size
-        canvas = maps.new_zeros(maps.shape[0], h, w)
-        wh, ww = maps.shape[-2:]
-        for i in range(maps.shape[0]):
-            y0, x0 = (int(v) for v in self.origin[i])
-            ys, xs, ye, xe = max(y0, 0), max(x0, 0), min(y0 + wh, h), min(x0 + ww, w)
-            if ye > ys and xe > xs:
-                canvas[i, ys:ye, xs:xe] = maps[i, ys - y0 : ye - y0, xs - x0 : xe - x0]
-        return canvas
-
 
 class WhiteBoxTrace(ABC):
     """One image run through the detector with its feature layers exposed.

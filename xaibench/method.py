@@ -94,7 +94,7 @@ class GradientCAMBase(ExplanationMethod):
         params = self.params()
         return [
             Saliency(
-                map=maps[rows].amax(dim=0).numpy(),
+                map=(maps[rows[0]] if len(rows) == 1 else maps[rows].amax(dim=0)).numpy(),
                 method=self.name,
                 target=target,
                 params=params,
