@@ -17,18 +17,14 @@ the whole layer's sums; the layer itself comes from ``FeatureWindows.layer_activ
 
 from __future__ import annotations
 
-import time
 from abc import abstractmethod
-from collections.abc import Sequence
 from dataclasses import replace
 
-import numpy as np
 import torch
 
-from xaibench.detector import Detector, FeatureWindows, WhiteBoxTrace, expand_targets
+from xaibench.detector import FeatureWindows
 from xaibench.method import GradientCAMBase
 from xaibench.registry import METHODS
-from xaibench.types import Saliency, Target
 
 
 class WholeLayerCAM(GradientCAMBase):
@@ -42,39 +38,17 @@ class WholeLayerCAM(GradientCAMBase):
     def weights(self, windows: FeatureWindows) -> torch.Tensor:
         return self.channel_weights(windows, whole_layer(windows))[..., None, None]
 
-    def explain(
-        self,
-        detector: Detector,
-        image: np.ndarray,
-        targets: Sequence[Target],
-        trace: WhiteBoxTrace | None = None,
-    ) -> list[Saliency]:
-        start = time.perf_counter()
-        trace = trace if trace is not None else detector.trace(image)
-        flat, groups = expand_targets(targets)
-        height, width = trace.image_size
-        maps = torch.zeros(len(flat), height, width)
-        for w in trace.gradients(flat, self.layer, self.mode):
-            layer = whole_layer(w)
-            weights = self.channel_weights(w, layer)
-            if layer.shape[0] == 1:  # one spatial layer shared by the targets
-                layer_maps = torch.relu(torch.einsum("tc,chw->thw", weights, layer[0]))
-            else:  # each target's own RoI grid
-                layer_maps = torch.relu(torch.einsum("tc,tchw->thw", weights, layer))
-            placed = w if w.roi_boxes is not None else replace(w, origin=torch.zeros_like(w.origin))
-            maps[w.target_index] = trace.to_image(placed, layer_maps).float().cpu()
-        seconds = (time.perf_counter() - start) / max(len(targets), 1)
-        params = self.params()
-        return [
-            Saliency(
-                map=maps[rows].amax(dim=0).numpy(),
-                method=self.name,
-                target=target,
-                params=params,
-                seconds=seconds,
-            )
-            for target, rows in zip(targets, groups, strict=True)
-        ]
+    def layer_maps(self, windows: FeatureWindows) -> tuple[FeatureWindows, torch.Tensor]:
+        """Maps over the whole layer (spatial layers: placed from the layer's origin)."""
+        layer = whole_layer(windows)
+        weights = self.channel_weights(windows, layer)
+        if layer.shape[0] == 1:  # one spatial layer shared by the targets
+            maps = torch.relu(torch.einsum("tc,chw->thw", weights, layer[0]))
+        else:  # each target's own RoI grid
+            maps = torch.relu(torch.einsum("tc,tchw->thw", weights, layer))
+        if windows.roi_boxes is not None:
+            return windows, maps
+        return replace(windows, origin=torch.zeros_like(windows.origin)), maps
 
 
 def layer_gradients(windows: FeatureWindows) -> torch.Tensor:

@@ -66,6 +66,10 @@ class GradientCAMBase(ExplanationMethod):
         """Per-target layer maps (T, h, w) from weights and activations."""
         return torch.relu((weights * activations).sum(dim=1))
 
+    def layer_maps(self, windows: FeatureWindows) -> tuple[FeatureWindows, torch.Tensor]:
+        """Per-target layer maps (T, h, w) and the windows that place them on the image."""
+        return windows, self.combine(self.weights(windows), windows.activations)
+
     def margin(self, boxes_on_layer: torch.Tensor) -> int:
         """Extra cells around fast-path windows that ``weights`` needs, given the targets'
         predicted boxes on the layer ((T, 4) cells)."""
@@ -88,8 +92,8 @@ class GradientCAMBase(ExplanationMethod):
         height, width = trace.image_size
         maps = torch.zeros(len(flat), height, width)
         for w in windows:
-            layer_maps = self.combine(self.weights(w), w.activations)
-            maps[w.target_index] = trace.to_image(w, layer_maps).float().cpu()
+            placed, layer_maps = self.layer_maps(w)
+            maps[w.target_index] = trace.to_image(placed, layer_maps).float().cpu()
         seconds = (time.perf_counter() - start) / max(len(targets), 1)
         params = self.params()
         return [
