@@ -329,7 +329,7 @@ class Detectron2RetinaNet(Detectron2Detector):
         self,
         model: RetinaNet,
         gn_tolerance: float = GN_TOLERANCE,
-        exact_level_cells: int = 0,
+        exact_level_cells: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(model, **kwargs)

@@ -159,16 +159,17 @@ class OneStageDetector(TorchvisionDetector):
     """FCOS or RetinaNet. Provenance: level, cell (y, x), anchor, class.
 
     GroupNorm heads (FCOS, RetinaNet v2) on the fast path (see ``local_head``): a target
-    whose windowed gradient leaves out more than ``gn_tolerance`` (relative norm) of the
+    whose windowed gradient leaves out more than ``gn_tolerance`` (relative norm, on a level
+    of 64 x 64 cells; ``local_head.level_tolerance`` scales it to other sizes) of the
     GroupNorm statistics term is back-propagated exactly, as is every target on a level of at
-    most ``exact_level_cells`` cells.
+    most ``exact_level_cells`` cells (``None``: no more cells than one window).
     """
 
     def __init__(
         self,
         model: tvd.FCOS | tvd.RetinaNet,
         gn_tolerance: float = GN_TOLERANCE,
-        exact_level_cells: int = 0,
+        exact_level_cells: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(model, **kwargs)

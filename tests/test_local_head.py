@@ -3,9 +3,16 @@ the GroupNorm statistics term, each against autograd through the real modules.""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
-from xaibench.detectors.local_head import Branch, LocalConvHead, flatten_tower
+from xaibench.detectors.local_head import (
+    GN_REFERENCE_CELLS,
+    Branch,
+    LocalConvHead,
+    flatten_tower,
+    level_tolerance,
+)
 
 
 def gn_tower(channels: int = 16, groups: int = 4, depth: int = 2) -> nn.Sequential:
@@ -69,3 +76,32 @@ def test_gn_error_is_the_relative_norm_of_the_statistics_term() -> None:
         expected = (dz - fixed).norm() / fixed.norm()
         torch.testing.assert_close(measured[t], expected, atol=1e-6, rtol=1e-4)
     assert bool((measured > 0.01).all())  # a 12 x 10 level: the term is far from negligible
+
+
+def test_levels_no_larger_than_a_window_take_the_exact_route() -> None:
+    """Two 3x3 convolutions: R = 2, a window of 5 x 5 cells. A 4 x 5 level fits in one, so its
+    targets get whole-level exact gradients however small their statistics term; a 6 x 6
+    level does not, so with an infinite tolerance its targets stay on windows."""
+    torch.manual_seed(2)
+    tower = gn_tower(depth=1)
+    out = nn.Conv2d(16, 3, 3, padding=1)
+    for (h, w), exact in (((4, 5), True), ((6, 6), False)):
+        x = torch.randn(1, 16, h, w)
+        head = recorded_head({"cls": tower}, {"cls": out}, x)
+        ys, xs = torch.tensor([1, h - 1]), torch.tensor([2, 0])
+        cot = {"cls": torch.randn(2, 3)}
+        parts = head.level_parts(0, x[0], ys, xs, cot, head.records, float("inf"), None, pad=0)
+        ((rows, grads, origin, _),) = parts
+        assert rows.tolist() == [0, 1]
+        if exact:
+            assert grads.shape[-2:] == (h, w) and origin.tolist() == [[0, 0], [0, 0]]
+            reference = head.level_gradients(0, (h, w), ys, xs, cot, head.records)
+            torch.testing.assert_close(grads, reference)
+        else:
+            assert grads.shape[-2:] == (5, 5)
+
+
+def test_the_tolerance_shrinks_with_the_level_size() -> None:
+    assert level_tolerance(0.03, GN_REFERENCE_CELLS) == 0.03
+    assert level_tolerance(0.03, GN_REFERENCE_CELLS // 8) == pytest.approx(0.06)
+    assert level_tolerance(0.03, GN_REFERENCE_CELLS * 8) == pytest.approx(0.015)

@@ -100,11 +100,11 @@ def tiled_scene(demo_scene, n: int, first: int) -> np.ndarray:
     return np.concatenate([np.concatenate(tiles[r * n : (r + 1) * n], 1) for r in range(n)])
 
 
-@pytest.mark.parametrize("tiles", [2, 3])
+@pytest.mark.parametrize("tiles", [2, 3, 4])
 def test_group_norm_guard_on_the_trained_demo_fcos_at_larger_sizes(tiles: int, demo_scene):
-    """On 320 and 480 px inputs the measured statistics term sends almost every prediction of
-    this small trained head (two channels per group) to the exact route; without that guard
-    some windowed maps fall below Pearson 0.99."""
+    """On 320-640 px inputs this small trained head (two channels per group) has many
+    predictions whose windowed maps fall below Pearson 0.99; the measured statistics term
+    sends them to the exact route, so with the default tolerance every map reaches 0.99."""
     detector = DETECTORS.build("synthetic-fcos", progress=False)  # own copy: sizes change
     size = 160 * tiles
     detector.model.transform.min_size, detector.model.transform.max_size = (size,), size

@@ -89,16 +89,17 @@ class GradientCAMBase(ExplanationMethod):
         trace = trace if trace is not None else detector.trace(image)
         flat, groups = expand_targets(targets)
         windows = trace.gradients(flat, self.layer, self.mode, self.margin)
-        height, width = trace.image_size
-        maps = torch.zeros(len(flat), height, width)
+        maps: list[np.ndarray] = [np.empty(0)] * len(flat)
         for w in windows:
             placed, layer_maps = self.layer_maps(w)
-            maps[w.target_index] = trace.to_image(placed, layer_maps).float().cpu()
+            image_maps = trace.to_image(placed, layer_maps).float().cpu().numpy()
+            for row, image_map in zip(w.target_index.tolist(), image_maps, strict=True):
+                maps[row] = image_map
         seconds = (time.perf_counter() - start) / max(len(targets), 1)
         params = self.params()
         return [
             Saliency(
-                map=(maps[rows[0]] if len(rows) == 1 else maps[rows].amax(dim=0)).numpy(),
+                map=maps[rows[0]] if len(rows) == 1 else np.max([maps[r] for r in rows], axis=0),
                 method=self.name,
                 target=target,
                 params=params,
