@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 
 import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
+from timing import interleaved_times
 from xaibench.detectors.zoo import demo_data
 from xaibench.metrics.faithfulness import PerturbationCurves, pixel_ranking, target_score
 
@@ -50,18 +50,6 @@ def count_passes(fn: Callable[[], object], detector: Detector) -> int:
     finally:
         hook.remove()
     return len(passes)
-
-
-def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list]:
-    """Wall times (s) of each function, the functions taking turns in every round, so that
-    a change of machine load hits all of them alike."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return times
 
 
 def unbatched_curves(

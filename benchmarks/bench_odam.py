@@ -5,12 +5,14 @@ and (b) the detector's plain forward pass, measured in one run.
 
 Detectors: FCOS and Faster R-CNN, ResNet50-FPN, random weights with the score threshold at 0
 so that there are exactly ``--detections`` predictions to explain; FCOS also with
-``gn_tolerance=inf`` (GroupNorm statistics held fixed everywhere, no exact re-runs). Columns:
+``gn_tolerance=inf`` (GroupNorm statistics held fixed except on levels no larger than a
+window, which always take the exact route). Columns:
 the plain torchvision forward; ODAM (fast mode) including its own forward (the trace) and
 given the trace; two per-target autograd loops: the shared one builds the autograd graph once
 and runs one backward per target (its backward part alone is the loop minus the graph-building
 forward), the naive one runs a forward and a backward for each target; the lowest Pearson
-correlation between a fast map and its exact one.
+correlation between a fast map and its exact one. The forward pass and ODAM with and without
+its trace take turns in every timing round (medians over ``--repeats`` rounds).
 Targets: ODAM >= 20x faster than the loop, and within 1.5x of one forward pass. Both ODAM and
 the shared loop pay one forward pass, so end to end that loop can be at most (F + T b) / F
 times slower than ODAM (F forward, b one backward, T targets); the per-target work is compared
@@ -29,6 +31,7 @@ import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
+from timing import interleaved_times
 from torchvision.models import detection as tvd
 from xaibench.detectors.torchvision import wrap
 from xaibench.methods.odam import ODAM
@@ -36,15 +39,12 @@ from xaibench.methods.odam import ODAM
 from xaibench.types import Target
 
 
-def timed(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall time (s) of ``repeats`` calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def timed(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median wall time (s) of each function over ``repeats`` interleaved rounds, after one
+    warm-up call each."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return {name: statistics.median(t) for name, t in interleaved_times(fns, repeats).items()}
 
 
 def once(fn: Callable[[], object]) -> float:
@@ -93,13 +93,18 @@ def measure(
         with torch.no_grad():
             model([tensor])
 
-    t_forward = timed(run(forward), args.repeats)
-    t_fast = timed(run(lambda: ODAM().explain(detector, image, targets)), args.repeats)
-    t_fast_maps = timed(run(lambda: ODAM().explain(detector, image, targets, trace)), args.repeats)
-    t_graph = timed(run(lambda: trace._graph_forward(None)), args.repeats)
-    t_loop = timed(
-        run(lambda: ODAM(mode="exact").explain(detector, image, targets, trace)), args.loop_repeats
+    t = timed(
+        {
+            "forward": run(forward),
+            "fast": run(lambda: ODAM().explain(detector, image, targets)),
+            "fast given trace": run(lambda: ODAM().explain(detector, image, targets, trace)),
+        },
+        args.repeats,
     )
+    t_forward, t_fast, t_fast_maps = t.values()
+    t_graph = timed({"graph": run(lambda: trace._graph_forward(None))}, args.repeats)["graph"]
+    exact = run(lambda: ODAM(mode="exact").explain(detector, image, targets, trace))
+    t_loop = timed({"loop": exact}, args.loop_repeats)["loop"]
     t_loop_backward = t_loop - t_graph
 
     def naive_loop() -> None:

@@ -3,10 +3,13 @@
 A one-stage head (FCOS, RetinaNet) is a few branches, each a tower of stride-1 convolutions
 with normalisation and ReLU followed by output convolutions. The output at one cell of a
 feature level depends only on a (2R+1) x (2R+1) window of that level, R = the sum of the
-kernel radii. ``LocalConvHead`` runs the head once over each level while recording what the
-backward pass needs (ReLU masks, normalisation scales) and then back-propagates the outputs
-of many cells at once, each on its own window: one batched transposed convolution per layer
-instead of one full backward pass per prediction.
+kernel radii. ``LocalConvHead`` runs the head once over each level while keeping what the
+backward pass needs (references to ReLU outputs and GroupNorm inputs, normalisation scales and
+statistics: nothing is copied) and then back-propagates the outputs of many cells at once, each
+on its own window: one batched transposed convolution per layer instead of one full backward
+pass per prediction. Targets at one cell whose cotangents are multiples of one another (the
+scores of two classes on the branch that only feeds the centreness, or one box edge of two
+classes) share one pass.
 
 GroupNorm is treated with its statistics held fixed: the gradient through the per-image
 mean and variance is the one part of the exact gradient the windowed path leaves out, and it
@@ -87,15 +90,82 @@ class Branch:
     def radius(self) -> int:
         return radius(self.tower) + max(m.kernel_size[0] // 2 for m in self.outputs.values())
 
+    @property
+    def in_channels(self) -> int:
+        convs = [m for m in self.tower if isinstance(m, nn.Conv2d)] or list(self.outputs.values())
+        return convs[0].in_channels
+
+
+@dataclass
+class ReluRecord:
+    """A ReLU's output (C, h, w): the backward passes the gradient where it is > 0."""
+
+    output: torch.Tensor
+
+
+@dataclass
+class NormRecord:
+    """A normalisation layer's input-gradient scale with its statistics held fixed (C,)."""
+
+    scale: torch.Tensor
+
+
+@dataclass
+class GroupNormRecord(NormRecord):
+    """A GroupNorm layer's scale, its input (C, h, w), the per-group mean and 1/std (G,) of
+    that input, its shift (C,) and epsilon: what the statistics term needs."""
+
+    input: torch.Tensor
+    mean: torch.Tensor
+    rstd: torch.Tensor
+    shift: torch.Tensor
+    eps: float
+    _normalised: torch.Tensor | None = field(default=None, repr=False)
+
+    def per_channel(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-group ``values`` (..., G) repeated over each group's channels (..., C)."""
+        return values.repeat_interleave(self.input.shape[0] // len(self.mean), -1)
+
+    def normalised(self) -> torch.Tensor:
+        """The normalised input z (C, h, w), computed on first use."""
+        if self._normalised is None:
+            mean, rstd = self.per_channel(self.mean), self.per_channel(self.rstd)
+            self._normalised = (self.input - mean[:, None, None]) * rstd[:, None, None]
+        return self._normalised
+
+    def window_products(
+        self,
+        output_gradient: torch.Tensor,
+        ys: torch.Tensor,
+        xs: torch.Tensor,
+        r: int,
+        relu_output: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Per target and group (T, G), the sum over the group's channels and the windows
+        centred at (ys, xs) of g * z, g the input gradient with the statistics held fixed
+        (scale * ``output_gradient``, (T, C, 2r+1, 2r+1), zero off the level) and z the
+        normalised input. Where a ReLU follows the layer, pass its ``relu_output`` on the
+        same windows (``output_gradient`` is zero where it is not positive): there
+        g * z = rstd * output_gradient * (output - shift), and the input is not read."""
+        t, groups = len(output_gradient), len(self.mean)
+        if relu_output is not None:
+            shifted = relu_output - self.shift[:, None, None]
+            return (output_gradient * shifted).reshape(t, groups, -1).sum(-1) * self.rstd
+        g = output_gradient * self.scale[:, None, None]
+        g_sum = g.reshape(t, groups, -1).sum(-1)
+        gx_sum = (g * gather_windows(self.input, ys, xs, r)).reshape(t, groups, -1).sum(-1)
+        return self.rstd * (gx_sum - self.mean * g_sum)
+
+
+LeafRecord = ReluRecord | NormRecord | None
+
 
 @dataclass
 class LevelRecord:
-    """What one branch's backward needs on one level: per tower leaf, a (C, h, w) factor
-    map (ReLU mask) or a (C,) scale (normalisation), ``None`` for convolutions; and per
-    GroupNorm leaf its normalised input (C, h, w) (``None`` for other leaves)."""
+    """What one branch's backward needs on one level: one record per tower leaf (first
+    image; ``None`` for convolutions and other leaves that need nothing)."""
 
-    factors: list[torch.Tensor | None] = field(default_factory=list)
-    normalised: list[torch.Tensor | None] = field(default_factory=list)
+    leaves: list[LeafRecord] = field(default_factory=list)
 
 
 @dataclass
@@ -123,12 +193,10 @@ class LocalConvHead:
             t = x
             for m in branch.tower:
                 if record:
-                    factor, normalised = _record(m, t)
-                    rec.factors.append(factor)
-                    rec.normalised.append(normalised)
-                t = m(t)
-                if record and isinstance(m, nn.ReLU):
-                    rec.factors[-1] = (t[0] > 0).to(t.dtype)
+                    t, leaf = _run_and_record(m, t)
+                    rec.leaves.append(leaf)
+                else:
+                    t = m(t)
             for out_name, conv in branch.outputs.items():
                 out[out_name] = conv(t)
             if record:
@@ -167,16 +235,15 @@ class LocalConvHead:
                 seed[torch.arange(len(ys)), :, ys, xs] = cot
                 back = F.conv_transpose2d(seed, conv.weight, padding=conv.padding)
                 g = back if g is None else g + back
-            leaves = zip(branch.tower, rec.factors, rec.normalised, strict=True)
-            for m, factor, normalised in reversed(list(leaves)):
+            for m, leaf in reversed(list(zip(branch.tower, rec.leaves, strict=True))):
                 if isinstance(m, nn.Conv2d):
                     g = F.conv_transpose2d(g, m.weight, padding=m.padding)
-                elif factor is not None and factor.dim() == 1:
-                    g = g * factor[None, :, None, None]
-                    if normalised is not None:
-                        g = g - _statistics_term(g, normalised, m.num_groups)
-                elif factor is not None:
-                    g = g * factor
+                elif isinstance(leaf, ReluRecord):
+                    g = g.masked_fill(leaf.output <= 0, 0)
+                elif isinstance(leaf, NormRecord):
+                    g = g * leaf.scale[None, :, None, None]
+                    if isinstance(leaf, GroupNormRecord):
+                        g = g - _statistics_term(g, leaf.normalised(), m.num_groups)
             total = g if total is None else total + g
         if total is None:
             raise ValueError(f"no cotangent for any head output; got {sorted(cotangents)}")
@@ -186,6 +253,7 @@ class LocalConvHead:
     def window_gradients(
         self,
         level: int,
+        shape: tuple[int, int],
         ys: torch.Tensor,
         xs: torch.Tensor,
         cotangents: dict[str, torch.Tensor],
@@ -194,41 +262,79 @@ class LocalConvHead:
         """d(sum_o cot[t, o] * out_o[y_t, x_t]) / d(level input) on each cell's window.
 
         ``cotangents`` maps output names to (T, C_out); ``records`` are those of the forward
-        pass being explained. Gradients are (T, C, 2R+1, 2R+1) centred on (y_t, x_t),
-        R = ``self.radius`` (cells outside the level get zero gradient).
+        pass being explained, on a level of ``shape`` (h, w). Gradients are
+        (T, C, 2R+1, 2R+1) centred on (y_t, x_t), R = ``self.radius``; cells outside the
+        level get zero gradient.
         """
+        if not any(o in cotangents for b in self.branches.values() for o in b.outputs):
+            raise ValueError(f"no cotangent for any head output; got {sorted(cotangents)}")
         total: torch.Tensor | None = None
         gn_error = torch.zeros(len(ys), device=ys.device)
         for name, branch in self.branches.items():
             used = [o for o in branch.outputs if o in cotangents]
             if not used:
                 continue
-            g = sum(
-                F.conv_transpose2d(cotangents[o][:, :, None, None], branch.outputs[o].weight)
-                for o in used
+            cot = torch.cat([cotangents[o] for o in used], 1)
+            runs, share, multiple = _shared_backwards(ys, xs, cot)
+            if not len(runs):  # every target's cotangent on this branch is zero
+                continue
+            leaves = list(zip(branch.tower, records[name][level].leaves, strict=True))
+            g, err = self._branch_windows(
+                branch, leaves, shape, ys[runs], xs[runs], {o: cotangents[o][runs] for o in used}
             )
-            k_out = max(branch.outputs[o].kernel_size[0] for o in used)
-            r = k_out // 2
-            rec = records[name][level]
-            leaves = zip(branch.tower, rec.factors, rec.normalised, strict=True)
-            for m, factor, normalised in reversed(list(leaves)):
-                if isinstance(m, nn.Conv2d):
-                    g = F.conv_transpose2d(g, m.weight)
-                    r += m.kernel_size[0] // 2
-                elif factor is not None and factor.dim() == 1:
-                    g = g * factor[None, :, None, None]
-                    if normalised is not None:
-                        z_windows = gather_windows(normalised, ys, xs, r)
-                        err = _statistics_error(g, z_windows, normalised, m)
-                        gn_error = torch.maximum(gn_error, err)
-                elif factor is not None:
-                    g = g * gather_windows(factor, ys, xs, r)
-            pad = self.radius - r
-            g = F.pad(g, (pad, pad, pad, pad))
+            if len(runs) < len(ys):  # targets that share a backward pass, or have none
+                g = g[share.clamp(min=0)] * multiple[:, None, None, None]
+                err = torch.where(share >= 0, err[share.clamp(min=0)], 0)
+            gn_error = torch.maximum(gn_error, err)
             total = g if total is None else total + g
-        if total is None:
-            raise ValueError(f"no cotangent for any head output; got {sorted(cotangents)}")
+        if total is None:  # all cotangents are zero
+            k = 2 * self.radius + 1
+            branch = next(iter(self.branches.values()))
+            weight = next(iter(branch.outputs.values())).weight
+            return WindowGradients(weight.new_zeros(len(ys), branch.in_channels, k, k), gn_error)
+        total = total.mul_(_inside_level(shape, ys, xs, self.radius, total))
         return WindowGradients(total, gn_error)
+
+    def _branch_windows(
+        self,
+        branch: Branch,
+        leaves: list[tuple[nn.Module, LeafRecord]],
+        shape: tuple[int, int],
+        ys: torch.Tensor,
+        xs: torch.Tensor,
+        cotangents: dict[str, torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One branch's windowed input gradients (T, C, 2R+1, 2R+1) and its largest relative
+        GroupNorm statistics term per target (T,), for ``window_gradients``."""
+        g = sum(
+            F.conv_transpose2d(cot[:, :, None, None], branch.outputs[o].weight)
+            for o, cot in cotangents.items()
+        )
+        r = max(branch.outputs[o].kernel_size[0] for o in cotangents) // 2
+        gn_error = torch.zeros(len(ys), device=ys.device)
+        inside = False  # whether g is zero on the window's cells off the level
+        relu_output = None  # the windows of a ReLU output, while g is that ReLU's input gradient
+        for m, leaf in reversed(leaves):
+            if isinstance(leaf, ReluRecord):
+                relu_output = gather_windows(leaf.output, ys, xs, r)
+                g = g.masked_fill_(relu_output <= 0, 0)
+                inside = True
+                continue
+            following_relu, relu_output = relu_output, None
+            if not inside:  # a layer's gradient has no cells off the level
+                g = g * _inside_level(shape, ys, xs, r, g)
+                inside = True
+            if isinstance(m, nn.Conv2d):
+                g = F.conv_transpose2d(g, m.weight)
+                r += m.kernel_size[0] // 2
+                inside = False
+            elif isinstance(leaf, GroupNormRecord):
+                gz = leaf.window_products(g, ys, xs, r, following_relu)
+                g = g.mul_(leaf.scale[None, :, None, None])
+                gn_error = torch.maximum(gn_error, _statistics_error(g, gz, leaf))
+            elif isinstance(leaf, NormRecord):
+                g = g.mul_(leaf.scale[None, :, None, None])
+        return _pad(g, self.radius - r), gn_error
 
     def level_parts(
         self,
@@ -248,49 +354,97 @@ class LocalConvHead:
         whose left-out statistics term exceeds ``level_tolerance(gn_tolerance, h * w)``
         (relative norm) and for levels of at most ``exact_level_cells`` cells (``None``: the
         window's (2R+1)^2): those get the whole level, exactly."""
-        windowed = self.window_gradients(level, ys, xs, cotangents, records)
         h, w = feat.shape[-2:]
-        exact = windowed.gn_error > level_tolerance(gn_tolerance, h * w)
         if exact_level_cells is None:
             exact_level_cells = (2 * self.radius + 1) ** 2
-        if self.has_group_norm and h * w <= exact_level_cells:
-            exact[:] = True
         parts = []
-        keep = torch.where(~exact)[0]
-        if len(keep):
-            r = self.radius + pad
-            grads = F.pad(windowed.grads[keep], (pad,) * 4)
-            origin = torch.stack((ys[keep], xs[keep]), 1).cpu() - r
-            parts.append((keep, grads, origin, gather_windows(feat, ys[keep], xs[keep], r)))
-        redo = torch.where(exact)[0]
+        if self.has_group_norm and h * w <= exact_level_cells:
+            redo = torch.arange(len(ys), device=ys.device)
+        else:
+            windowed = self.window_gradients(level, (h, w), ys, xs, cotangents, records)
+            exact = windowed.gn_error > level_tolerance(gn_tolerance, h * w)
+            keep, redo = torch.where(~exact)[0], torch.where(exact)[0]
+            if len(keep):
+                r = self.radius + pad
+                grads = windowed.grads if len(keep) == len(ys) else windowed.grads[keep]
+                origin = torch.stack((ys[keep], xs[keep]), 1).cpu() - r
+                acts = gather_windows(feat, ys[keep], xs[keep], r)
+                parts.append((keep, _pad(grads, pad), origin, acts))
         if len(redo):
             cot = {n: c[redo] for n, c in cotangents.items()}
             grads = self.level_gradients(level, (h, w), ys[redo], xs[redo], cot, records)
-            grads = F.pad(grads, (pad,) * 4)
-            acts = F.pad(feat, (pad,) * 4)[None].expand(len(redo), -1, -1, -1)
+            acts = _pad(feat, pad)[None].expand(len(redo), -1, -1, -1)
             origin = torch.full((len(redo), 2), -pad, dtype=torch.long)
-            parts.append((redo, grads, origin, acts))
+            parts.append((redo, _pad(grads, pad), origin, acts))
         return parts
 
 
-def _record(m: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """What the backward needs of a tower leaf with input ``x`` (N, C, h, w), first image: a
-    normalisation layer's per-channel input-gradient scale with the statistics held fixed
-    (C,), and a GroupNorm layer's normalised input (C, h, w); ``None`` where there is none."""
+def _run_and_record(m: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, LeafRecord]:
+    """A tower leaf's output for input ``x`` (N, C, h, w) and what its backward needs, for
+    the first image. GroupNorm runs as ``native_group_norm``, which also returns the
+    statistics it used (the same output as the module)."""
     if isinstance(m, nn.GroupNorm):
-        c, h, w = x.shape[1:]
-        groups = x[0].reshape(m.num_groups, -1)
-        var, mean = torch.var_mean(groups, dim=-1, correction=0, keepdim=True)
-        rstd = torch.rsqrt(var + m.eps)
-        normalised = ((groups - mean) * rstd).reshape(c, h, w)
-        scale = rstd[:, 0].repeat_interleave(c // m.num_groups)
-        return (scale * m.weight if m.affine else scale), normalised
+        n, c, h, w = x.shape
+        out, mean, rstd = torch.native_group_norm(
+            x, m.weight, m.bias, n, c, h * w, m.num_groups, m.eps
+        )
+        scale = rstd[0].repeat_interleave(c // m.num_groups)
+        scale = scale * m.weight if m.affine else scale
+        shift = m.bias if m.affine else x.new_zeros(c)
+        return out, GroupNormRecord(scale, x[0], mean[0], rstd[0], shift, m.eps)
     if isinstance(m, nn.BatchNorm2d):
         if m.training or m.running_var is None:
             raise NotImplementedError("windowed backward needs BatchNorm in eval mode")
         scale = torch.rsqrt(m.running_var + m.eps)
-        return (scale * m.weight if m.affine else scale), None
-    return None, None
+        return m(x), NormRecord(scale * m.weight if m.affine else scale)
+    out = m(x)
+    return out, ReluRecord(out[0]) if isinstance(m, nn.ReLU) else None
+
+
+def _shared_backwards(
+    ys: torch.Tensor, xs: torch.Tensor, cot: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Targets at the same cell whose cotangents (T, D) are multiples of one another (say the
+    score of two classes on a branch that reads only the centreness) get the same multiples
+    of one backward pass; a zero cotangent needs none. Returns the targets to run (U,),
+    ascending, each target's position among them (T,; -1 for a zero cotangent) and its
+    multiple of that run's gradient (T,)."""
+    lead = (cot != 0).to(torch.uint8).argmax(1)
+    alpha = cot.gather(1, lead[:, None])[:, 0]
+    active = torch.where(alpha != 0)[0]
+    position = torch.full_like(ys, -1)
+    multiple = torch.zeros_like(alpha)
+    if not len(active):
+        return active, position, multiple
+    unit = cot[active] / alpha[active, None]
+    cell = torch.stack((ys[active], xs[active]), 1).to(cot.dtype)
+    _, group = torch.unique(torch.cat((cell, unit), 1), dim=0, return_inverse=True)
+    first = torch.full((int(group.max()) + 1,), len(active), device=group.device)
+    first = first.scatter_reduce(0, group, torch.arange(len(active), device=group.device), "amin")
+    runs, order = active[first].sort()
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order), device=order.device)
+    position[active] = rank[group]
+    multiple[active] = alpha[active] / alpha[runs][rank[group]]
+    return runs, position, multiple
+
+
+def _pad(x: torch.Tensor, cells: int) -> torch.Tensor:
+    """``x`` (..., h, w) with ``cells`` zero cells added on every side (``x`` itself for 0)."""
+    return F.pad(x, (cells,) * 4) if cells else x
+
+
+def _inside_level(
+    shape: tuple[int, int], ys: torch.Tensor, xs: torch.Tensor, r: int, like: torch.Tensor
+) -> torch.Tensor:
+    """(T, 1, 2r+1, 2r+1): 1 on the cells of windows centred at (ys, xs) that lie on a level
+    of ``shape`` (h, w), 0 off it."""
+    offsets = torch.arange(-r, r + 1, device=ys.device)
+    rows = ys[:, None] + offsets
+    cols = xs[:, None] + offsets
+    on_rows = (rows >= 0) & (rows < shape[0])
+    on_cols = (cols >= 0) & (cols < shape[1])
+    return (on_rows[:, :, None] & on_cols[:, None, :])[:, None].to(like.dtype)
 
 
 def _statistics_term(g: torch.Tensor, z: torch.Tensor, groups: int) -> torch.Tensor:
@@ -307,26 +461,22 @@ def _statistics_term(g: torch.Tensor, z: torch.Tensor, groups: int) -> torch.Ten
     return m1 + z * m2
 
 
-def _statistics_error(
-    g: torch.Tensor, z_windows: torch.Tensor, z: torch.Tensor, m: nn.GroupNorm
-) -> torch.Tensor:
+def _statistics_error(g: torch.Tensor, gz: torch.Tensor, leaf: GroupNormRecord) -> torch.Tensor:
     """Relative norm of the term a fixed-statistics GroupNorm backward leaves out.
 
-    ``g`` (T, C, k, k) is the windowed gradient after the fixed-statistics scaling
-    (gamma/sigma) * v, ``z_windows`` the normalised input on the same windows and ``z``
-    (C, h, w) on the whole level. The exact input gradient adds -(m1 + z * m2) on every cell
-    of the level, m1 and m2 the means of g and g * z over the group's channels and all cells
-    (g is zero off the window). Returns ||added|| / ||g|| over the level, per target (T,).
+    ``g`` (T, C, k, k) is the input gradient with the statistics held fixed on each target's
+    window (zero off it) and ``gz`` (T, G) the sums of g * z over each group
+    (``GroupNormRecord.window_products``). The exact gradient adds -(m1 + z * m2) on every
+    cell of the level, m1 and m2 the means of g and g * z over the group's n channel-cells.
+    Over a group, sum z = 0 and sum z^2 = n var / (var + eps), so the added term's squared
+    norm is n (m1^2 + m2^2 (1 - eps rstd^2)). Returns ||added|| / ||g||, per target (T,).
     """
     t, c = g.shape[:2]
-    groups, per_group = m.num_groups, c // m.num_groups
-    n = z.shape[-1] * z.shape[-2] * per_group
+    groups = len(leaf.mean)
+    n = leaf.input.shape[-1] * leaf.input.shape[-2] * (c // groups)
     m1 = g.reshape(t, groups, -1).sum(-1) / n
-    m2 = (g * z_windows).reshape(t, groups, -1).sum(-1) / n
-    m1, m2 = m1.repeat_interleave(per_group, 1), m2.repeat_interleave(per_group, 1)
-    cells = z.shape[-1] * z.shape[-2]
-    z_sum, z_sq = z.reshape(c, -1).sum(-1), (z * z).reshape(c, -1).sum(-1)
-    added = (cells * m1**2 + 2 * m1 * m2 * z_sum + m2**2 * z_sq).sum(1)
+    m2 = gz / n
+    added = (n * (m1**2 + m2**2 * (1 - leaf.eps * leaf.rstd**2))).sum(1)
     kept = (g * g).sum((1, 2, 3))
     return torch.sqrt(added / kept.clamp_min(torch.finfo(g.dtype).tiny))
 

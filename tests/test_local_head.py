@@ -10,6 +10,7 @@ from xaibench.detectors.local_head import (
     GN_REFERENCE_CELLS,
     Branch,
     LocalConvHead,
+    _shared_backwards,
     flatten_tower,
     level_tolerance,
 )
@@ -53,24 +54,28 @@ def test_level_gradients_equal_autograd_with_group_norm_statistics() -> None:
         torch.testing.assert_close(ours[t], reference[0], atol=1e-6, rtol=1e-5)
 
 
-def test_gn_error_is_the_relative_norm_of_the_statistics_term() -> None:
+@pytest.mark.parametrize("relu", [True, False], ids=["relu-after", "no-relu"])
+def test_gn_error_is_the_relative_norm_of_the_statistics_term(relu: bool) -> None:
     """With one GroupNorm layer the windowed cotangent reaching it is exact, so the left-out
-    term is autograd's input gradient of the norm layer minus the fixed-statistics one."""
+    term is autograd's input gradient of the norm layer minus the fixed-statistics one. With
+    a ReLU after the norm layer the measure reads the ReLU's output, without one its input."""
     torch.manual_seed(1)
     norm = nn.GroupNorm(4, 16)
     nn.init.uniform_(norm.weight, 0.5, 2.0)
-    tower = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), norm, nn.ReLU())
+    nn.init.normal_(norm.bias)
+    activation = nn.ReLU() if relu else nn.Identity()
+    tower = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), norm, activation)
     out = nn.Conv2d(16, 3, 3, padding=1)
     x = torch.randn(1, 16, 12, 10)
     head = recorded_head({"cls": tower}, {"cls": out}, x)
     ys, xs = torch.tensor([5, 0]), torch.tensor([4, 9])
     cot = torch.randn(2, 3)
-    measured = head.window_gradients(0, ys, xs, {"cls": cot}, head.records).gn_error
+    measured = head.window_gradients(0, (12, 10), ys, xs, {"cls": cot}, head.records).gn_error
     z = tower[0](x).detach().requires_grad_(True)
     sigma = torch.sqrt(z.reshape(4, -1).var(-1, unbiased=False) + norm.eps)
     for t in range(2):
         y = norm(z)
-        value = (out(torch.relu(y))[0, :, ys[t], xs[t]] * cot[t]).sum()
+        value = (out(activation(y))[0, :, ys[t], xs[t]] * cot[t]).sum()
         dz, dy = torch.autograd.grad(value, [z, y])
         fixed = dy * (norm.weight / sigma.repeat_interleave(4))[None, :, None, None]
         expected = (dz - fixed).norm() / fixed.norm()
@@ -105,3 +110,52 @@ def test_the_tolerance_shrinks_with_the_level_size() -> None:
     assert level_tolerance(0.03, GN_REFERENCE_CELLS) == 0.03
     assert level_tolerance(0.03, GN_REFERENCE_CELLS // 8) == pytest.approx(0.06)
     assert level_tolerance(0.03, GN_REFERENCE_CELLS * 8) == pytest.approx(0.015)
+
+
+def test_windows_are_exact_with_no_relu_between_convolutions() -> None:
+    """Border windows run past the level; with no ReLU mask to clear them, gradients on those
+    cells must be dropped before the next transposed convolution. BatchNorm (eval) has no
+    statistics term, so every window equals autograd's input gradient there."""
+    torch.manual_seed(3)
+    norm = nn.BatchNorm2d(8).eval()
+    norm.running_mean.normal_()
+    norm.running_var.uniform_(0.5, 2.0)
+    tower = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), norm, nn.Conv2d(8, 8, 3, padding=1))
+    out = nn.Conv2d(8, 2, 3, padding=1)
+    x = torch.randn(1, 8, 7, 6)
+    head = recorded_head({"cls": tower}, {"cls": out}, x)
+    ys, xs = torch.tensor([0, 6, 3]), torch.tensor([0, 5, 2])
+    cot = torch.randn(3, 2)
+    windows = head.window_gradients(0, (7, 6), ys, xs, {"cls": cot}, head.records).grads
+    r = head.radius
+    assert windows.shape == (3, 8, 2 * r + 1, 2 * r + 1)
+    for t in range(3):
+        leaf = x.clone().requires_grad_(True)
+        value = (out(tower(leaf))[0, :, ys[t], xs[t]] * cot[t]).sum()
+        (reference,) = torch.autograd.grad(value, leaf)
+        on_windows = torch.nn.functional.pad(reference[0], (r,) * 4)
+        expected = on_windows[:, ys[t] : ys[t] + 2 * r + 1, xs[t] : xs[t] + 2 * r + 1]
+        torch.testing.assert_close(windows[t], expected, atol=1e-6, rtol=1e-5)
+
+
+def test_targets_at_one_cell_with_parallel_cotangents_share_a_backward_pass() -> None:
+    """Three targets at one cell whose cotangents are multiples of one vector, one with a zero
+    cotangent and one elsewhere: two backward passes, the same windows and statistics terms as
+    running each target alone."""
+    torch.manual_seed(4)
+    head = recorded_head(
+        {"cls": gn_tower()}, {"cls": nn.Conv2d(16, 3, 3, padding=1)}, torch.randn(1, 16, 10, 9)
+    )
+    ys, xs = torch.tensor([2, 2, 2, 2, 7]), torch.tensor([3, 3, 3, 3, 1])
+    v = torch.randn(3)
+    cot = torch.stack((v, -2.5 * v, torch.zeros(3), 0.5 * v, torch.randn(3)))
+    runs, share, multiple = _shared_backwards(ys, xs, cot)
+    assert runs.tolist() == [0, 4] and share.tolist() == [0, 0, -1, 0, 1]
+    assert multiple.tolist() == [1.0, -2.5, 0.0, 0.5, 1.0]
+    together = head.window_gradients(0, (10, 9), ys, xs, {"cls": cot}, head.records)
+    for t in range(5):
+        alone = head.window_gradients(
+            0, (10, 9), ys[t : t + 1], xs[t : t + 1], {"cls": cot[t : t + 1]}, head.records
+        )
+        torch.testing.assert_close(together.grads[t], alone.grads[0], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(together.gn_error[t], alone.gn_error[0])
