@@ -15,30 +15,17 @@ the loop.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable
 
 import numpy as np
 import torch
 from detectron2.engine import DefaultPredictor
 from rich.console import Console
 from rich.table import Table
+from timing import median_time
 from xaibench.detectors import detectron2 as d2
 from xaibench.methods.odam import ODAM
 
 from xaibench.types import Target
-
-
-def timed(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall time (s) of ``repeats`` calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def measure(family: str, image: np.ndarray, args: argparse.Namespace) -> list[str]:
@@ -56,11 +43,11 @@ def measure(family: str, image: np.ndarray, args: argparse.Namespace) -> list[st
     trace = detector.trace(image)
     targets = [Target(i) for i in range(len(trace.detections))]
     fast, exact = ODAM(), ODAM(mode="exact")
-    t_predictor = timed(lambda: predictor(bgr), args.repeats)
-    t_detect = timed(lambda: detector.detect([image]), args.repeats)
-    t_fast = timed(lambda: fast.explain(detector, image, targets), args.repeats)
-    t_given = timed(lambda: fast.explain(detector, image, targets, trace=trace), args.repeats)
-    t_exact = timed(lambda: exact.explain(detector, image, targets, trace=trace), 1)
+    t_predictor = median_time(lambda: predictor(bgr), args.repeats)
+    t_detect = median_time(lambda: detector.detect([image]), args.repeats)
+    t_fast = median_time(lambda: fast.explain(detector, image, targets), args.repeats)
+    t_given = median_time(lambda: fast.explain(detector, image, targets, trace=trace), args.repeats)
+    t_exact = median_time(lambda: exact.explain(detector, image, targets, trace=trace), 1)
     return [
         family,
         str(len(targets)),

@@ -15,14 +15,13 @@
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
+from timing import interleaved_times, median_time
 from xaibench.detectors.zoo import demo_data
 from xaibench.methods.bbam import BBAM
 from xaibench.methods.drise import DRISE
@@ -33,30 +32,14 @@ from xaibench.types import Target
 DETECTOR_NAMES = ("synthetic-fcos", "synthetic-frcnn")
 
 
-def timed(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall time (s) of ``repeats`` calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def interleaved(
     first: Callable[[], object], second: Callable[[], object], repeats: int
 ) -> tuple[float, float]:
     """Fastest wall times (s) of two calls run in alternating rounds after one warm-up
     each, so that drift in the machine's speed affects both alike."""
     first(), second()
-    best = [float("inf"), float("inf")]
-    for _ in range(repeats):
-        for k, fn in enumerate((first, second)):
-            start = time.perf_counter()
-            fn()
-            best[k] = min(best[k], time.perf_counter() - start)
-    return best[0], best[1]
+    times = interleaved_times({"first": first, "second": second}, repeats)
+    return min(times["first"]), min(times["second"])
 
 
 def drise_overhead(detector, image: np.ndarray, args: argparse.Namespace) -> list[str]:
@@ -86,7 +69,7 @@ def bbam_batching(detector, image: np.ndarray, args: argparse.Namespace) -> list
 
     def run(batch_size: int) -> float:
         bbam = BBAM(iterations=args.bbam_iterations, batch_size=batch_size, progress=False)
-        return timed(lambda: bbam.explain(detector, image, targets, trace=trace), 1) / n
+        return median_time(lambda: bbam.explain(detector, image, targets, trace=trace), 1) / n
 
     together, alone = run(8), run(1)
     return [detector.name, str(n), f"{together:.3f}", f"{alone:.3f}", f"{alone / together:.2f}x"]

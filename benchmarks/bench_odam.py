@@ -23,7 +23,6 @@ in "shared loop backward / ODAM given trace", the whole per-target computation i
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from collections.abc import Callable
 
@@ -31,20 +30,12 @@ import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
-from timing import interleaved_times
+from timing import median_time, median_times
 from torchvision.models import detection as tvd
 from xaibench.detectors.torchvision import wrap
 from xaibench.methods.odam import ODAM
 
 from xaibench.types import Target
-
-
-def timed(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median wall time (s) of each function over ``repeats`` interleaved rounds, after one
-    warm-up call each."""
-    for fn in fns.values():
-        fn()
-    return {name: statistics.median(t) for name, t in interleaved_times(fns, repeats).items()}
 
 
 def once(fn: Callable[[], object]) -> float:
@@ -93,7 +84,7 @@ def measure(
         with torch.no_grad():
             model([tensor])
 
-    t = timed(
+    t = median_times(
         {
             "forward": run(forward),
             "fast": run(lambda: ODAM().explain(detector, image, targets)),
@@ -102,9 +93,9 @@ def measure(
         args.repeats,
     )
     t_forward, t_fast, t_fast_maps = t.values()
-    t_graph = timed({"graph": run(lambda: trace._graph_forward(None))}, args.repeats)["graph"]
+    t_graph = median_time(run(lambda: trace._graph_forward(None)), args.repeats)
     exact = run(lambda: ODAM(mode="exact").explain(detector, image, targets, trace))
-    t_loop = timed({"loop": exact}, args.loop_repeats)["loop"]
+    t_loop = median_time(exact, args.loop_repeats)
     t_loop_backward = t_loop - t_graph
 
     def naive_loop() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable
 
@@ -16,3 +17,16 @@ def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int) -> dic
             fn()
             times[name].append(time.perf_counter() - start)
     return times
+
+
+def median_times(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median wall time (s) of each function over ``repeats`` interleaved rounds, after one
+    warm-up call each."""
+    for fn in fns.values():
+        fn()
+    return {name: statistics.median(t) for name, t in interleaved_times(fns, repeats).items()}
+
+
+def median_time(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall time (s) of ``repeats`` calls after one warm-up call."""
+    return median_times({"fn": fn}, repeats)["fn"]

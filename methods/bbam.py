@@ -56,7 +56,7 @@ from tqdm.auto import tqdm
 
 from xaibench.detector import Detector, WhiteBoxTrace
 from xaibench.images import to_rgb_uint8
-from xaibench.method import ExplanationMethod
+from xaibench.method import ExplanationMethod, detection_indices
 from xaibench.registry import METHODS
 from xaibench.types import Saliency, Target
 
@@ -179,12 +179,7 @@ class BBAM(ExplanationMethod):
         start = time.perf_counter()
         image = to_rgb_uint8(image, name="image")
         trace = trace if trace is not None else detector.trace(image)
-        indices = sorted({t.index for t in targets})
-        for i in indices:
-            if i >= len(trace.detections):
-                raise IndexError(
-                    f"target index {i} out of range: {len(trace.detections)} detections"
-                )
+        indices = detection_indices(targets, len(trace.detections))
         pixels = torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1) / 255
         pixels = pixels.to(detector.device)
         background = self.background(pixels)
@@ -193,18 +188,7 @@ class BBAM(ExplanationMethod):
             chunk = indices[first : first + self.batch_size]
             for i, m in zip(chunk, self.optimise(trace, pixels, background, chunk), strict=True):
                 maps[i] = m
-        seconds = (time.perf_counter() - start) / max(len(targets), 1)
-        params = self.params()
-        return [
-            Saliency(
-                map=maps[t.index].numpy(),
-                method=self.name,
-                target=t,
-                params=params,
-                seconds=seconds,
-            )
-            for t in targets
-        ]
+        return self.saliencies(targets, [maps[t.index].numpy() for t in targets], start)
 
     def optimise(
         self,

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from xaibench.detector import Detector, WhiteBoxTrace
 from xaibench.images import to_rgb_uint8
-from xaibench.method import ExplanationMethod
+from xaibench.method import ExplanationMethod, detection_indices
 from xaibench.registry import METHODS
 from xaibench.types import Detections, Saliency, Target
 
@@ -240,29 +240,18 @@ class DRISE(ExplanationMethod):
         size = (int(image.shape[0]), int(image.shape[1]))
         masks = self.mask_set(size)
         reference = trace.detections if trace is not None else detector.detect([image])[0]
-        indices = sorted({t.index for t in targets})
-        for i in indices:
-            if i >= len(reference):
-                raise IndexError(f"target index {i} out of range: {len(reference)} detections")
+        indices = detection_indices(targets, len(reference))
         maps, used = self.saliency(
             masks,
             self.perturbed_detections(detector, image, trace),
             reference.boxes[indices].float().cpu(),
             reference.class_probs[indices].float().cpu(),
         )
-        seconds = (time.perf_counter() - start) / max(len(targets), 1)
-        params = {**self.params(), "masks_used": used}
         row = {i: k for k, i in enumerate(indices)}
-        return [
-            Saliency(
-                map=maps[row[t.index]].numpy(),
-                method=self.name,
-                target=t,
-                params=params,
-                seconds=seconds,
-            )
-            for t in targets
-        ]
+        params = {**self.params(), "masks_used": used}
+        return self.saliencies(
+            targets, [maps[row[t.index]].numpy() for t in targets], start, params
+        )
 
     def saliency(
         self,

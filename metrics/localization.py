@@ -20,6 +20,7 @@ from xaibench.metrics.regions import (
     first_reason,
     map_problems,
     target_regions,
+    where_defined,
 )
 
 from xaibench.detector import Detector
@@ -106,11 +107,7 @@ def _per_region(
             batch.instances, batch.gt_index, kind, batch.image_size
         )
         why = [first_reason(p, r) for p, r in zip(problems, region_reasons, strict=True)]
-        column = np.full(len(batch), np.nan)
-        ok = np.array([w is None for w in why], dtype=bool)
-        if ok.any():
-            column[ok] = score(batch.maps[ok], regions[ok])
-        values[f"{prefix}_{kind}"] = column
+        values[f"{prefix}_{kind}"] = where_defined(why, score, batch.maps, regions)
         reasons[f"{prefix}_{kind}"] = why
     return MetricResult.build(values, reasons)
 
@@ -171,10 +168,7 @@ class Compactness(Metric):
             first_reason(p, "no matched ground-truth instance" if g < 0 else None)
             for p, g in zip(problems, batch.gt_index, strict=True)
         ]
-        ok = np.array([w is None for w in why], dtype=bool)
-        column = np.full(len(batch), np.nan)
-        if ok.any():
-            column[ok] = compactness(batch.maps[ok], boxes[ok])
+        column = where_defined(why, compactness, batch.maps, boxes)
         return MetricResult.build({"compactness": column}, {"compactness": why})
 
 
@@ -204,10 +198,7 @@ class VisualExplanationAccuracy(Metric):
             batch.instances, batch.gt_index, self.region, batch.image_size
         )
         why = [first_reason(p, r) for p, r in zip(problems, region_reasons, strict=True)]
-        ok = np.array([w is None for w in why], dtype=bool)
-        curve = np.full((len(batch), len(VEA_THRESHOLDS)), np.nan)
-        if ok.any():
-            curve[ok] = vea_curve(batch.maps[ok], regions[ok])
+        curve = where_defined(why, vea_curve, batch.maps, regions, shape=(len(VEA_THRESHOLDS),))
         return MetricResult.build(
             {"vea": vea_auc(curve)},
             {"vea": why},

@@ -7,7 +7,7 @@ so a box with integer corners covers exactly (x2 - x1) * (y2 - y1) pixels.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import numpy as np
@@ -109,6 +109,21 @@ def map_problems(
 def first_reason(*reasons: str | None) -> str | None:
     """The first of ``reasons`` that is not None."""
     return next((r for r in reasons if r is not None), None)
+
+
+def where_defined(
+    why: list[str | None],
+    values: Callable[..., np.ndarray],
+    *rows: np.ndarray,
+    shape: tuple[int, ...] = (),
+) -> np.ndarray:
+    """One row of ``shape`` per item: ``values`` of the ``rows`` arrays' rows whose reason in
+    ``why`` is None, NaN on the others."""
+    ok = np.array([w is None for w in why], dtype=bool)
+    out = np.full((len(why), *shape), np.nan)
+    if ok.any():
+        out[ok] = values(*(r[ok] for r in rows))
+    return out
 
 
 class RegionMetric(Metric):

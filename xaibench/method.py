@@ -45,6 +45,32 @@ class ExplanationMethod(ABC):
         """The settings recorded with every map."""
         return {}
 
+    def saliencies(
+        self,
+        targets: Sequence[Target],
+        maps: Sequence[np.ndarray],
+        start: float,
+        params: dict[str, Any] | None = None,
+    ) -> list[Saliency]:
+        """One ``Saliency`` per target from its map, with ``params`` (default: ``params()``)
+        and the wall time since ``start`` (``time.perf_counter()``) shared among the targets."""
+        seconds = (time.perf_counter() - start) / max(len(targets), 1)
+        params = self.params() if params is None else params
+        return [
+            Saliency(map=m, method=self.name, target=t, params=params, seconds=seconds)
+            for t, m in zip(targets, maps, strict=True)
+        ]
+
+
+def detection_indices(targets: Sequence[Target], detections: int) -> list[int]:
+    """The distinct detection indices of ``targets``, ascending; an ``IndexError`` names an
+    index beyond the image's ``detections``."""
+    indices = sorted({t.index for t in targets})
+    for i in indices:
+        if i >= detections:
+            raise IndexError(f"target index {i} out of range: {detections} detections")
+    return indices
+
 
 class GradientCAMBase(ExplanationMethod):
     """Template for CAM-style methods: H = post(sum_c w_c * A_c) on one feature layer.
@@ -95,15 +121,8 @@ class GradientCAMBase(ExplanationMethod):
             image_maps = trace.to_image(placed, layer_maps).float().cpu().numpy()
             for row, image_map in zip(w.target_index.tolist(), image_maps, strict=True):
                 maps[row] = image_map
-        seconds = (time.perf_counter() - start) / max(len(targets), 1)
-        params = self.params()
-        return [
-            Saliency(
-                map=maps[rows[0]] if len(rows) == 1 else np.max([maps[r] for r in rows], axis=0),
-                method=self.name,
-                target=target,
-                params=params,
-                seconds=seconds,
-            )
-            for target, rows in zip(targets, groups, strict=True)
+        combined = [
+            maps[rows[0]] if len(rows) == 1 else np.max([maps[r] for r in rows], axis=0)
+            for rows in groups
         ]
+        return self.saliencies(targets, combined, start)
