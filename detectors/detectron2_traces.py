@@ -18,12 +18,12 @@ import torch.nn.functional as F
 from detectron2.layers import ROIAlign
 from detectron2.structures import Boxes, ImageList
 from torch import nn
-from torchvision.ops import roi_align
 from xaibench.detectors.feature_masks import check_masks, masks_to_layer
 from xaibench.detectors.geometry import InputGeometry
 from xaibench.detectors.torchvision import box_edges
+from xaibench.detectors.windows import WindowedTrace
 
-from xaibench.detector import FeatureWindows, GradientMode, WhiteBoxTrace
+from xaibench.detector import FeatureWindows, GradientMode
 from xaibench.types import ATTRIBUTES, Detections, Target
 
 if TYPE_CHECKING:
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     )
 
 
-class Detectron2Trace(WhiteBoxTrace):
+class Detectron2Trace(WindowedTrace):
     """Shared by both families: layers, the exact (per-target autograd) reference, placing
     layer maps in the original image and feature-space masking.
 
@@ -167,41 +167,6 @@ class Detectron2Trace(WhiteBoxTrace):
         if layer not in captured:
             raise ValueError(f"layer {layer!r} is not used by the backbone")
         return captured, self._values(features, targets)
-
-    def _windows(
-        self,
-        layer: str,
-        rows: list[int],
-        targets: Sequence[Target],
-        activation: torch.Tensor,
-        gradients: torch.Tensor,
-        origin: torch.Tensor | None = None,
-        windows: torch.Tensor | None = None,
-    ) -> FeatureWindows:
-        """Windows on a spatial layer; without ``windows`` the window is the whole layer."""
-        layer_size = (int(activation.shape[-2]), int(activation.shape[-1]))
-        det = torch.tensor([targets[i].index for i in rows], dtype=torch.long)
-        if windows is None:
-            windows = activation[None].expand(len(rows), -1, -1, -1)
-            origin = torch.zeros(len(rows), 2, dtype=torch.long)
-        return FeatureWindows(
-            layer=layer,
-            target_index=torch.tensor(rows, dtype=torch.long),
-            activations=windows,
-            gradients=gradients.detach(),
-            origin=origin,
-            layer_size=layer_size,
-            boxes_on_layer=self.geometry.boxes_to_layer(self.detections.boxes[det], layer_size),
-            layer_activations=activation,
-        )
-
-    def _margin(self, margin, rows: list[int], targets: Sequence[Target], fmap) -> int:
-        """``margin`` in cells, or computed from the targets' boxes on this layer."""
-        if not callable(margin):
-            return int(margin)
-        det = torch.tensor([targets[i].index for i in rows], dtype=torch.long)
-        size = (int(fmap.shape[-2]), int(fmap.shape[-1]))
-        return int(margin(self.geometry.boxes_to_layer(self.detections.boxes[det], size)))
 
     # feature-space perturbation and fixed output units ---------------------------------
     @torch.no_grad()
@@ -393,26 +358,7 @@ class RCNNTrace(Detectron2Trace):
                 torch.autograd.grad(values[i], pooled, retain_graph=True)[0][i]
                 for i in range(len(targets))
             ]
-        return [self._roi_windows(targets, pooled.detach(), torch.stack(grads))]
-
-    def _roi_windows(self, targets, pooled, grads) -> FeatureWindows:
-        rois = self._target_rois(targets)
-        k = pooled.shape[-1]
-        boxes = self.detections.boxes[[t.index for t in targets]]
-        roi_boxes = self.geometry.boxes_to_original(rois)
-        # predicted box in the RoI grid's cells, for size-adaptive smoothing
-        scale = (k / (roi_boxes[:, 2:] - roi_boxes[:, :2]).clamp(min=1e-6)).repeat(1, 2)
-        on_grid = (boxes - roi_boxes[:, :2].repeat(1, 2)) * scale
-        return FeatureWindows(
-            layer="roi",
-            target_index=torch.arange(len(targets)),
-            activations=pooled,
-            gradients=grads,
-            origin=torch.zeros(len(targets), 2, dtype=torch.long),
-            layer_size=(k, k),
-            boxes_on_layer=on_grid,
-            roi_boxes=roi_boxes,
-        )
+        return [self._roi_windows(targets, rois, pooled.detach(), torch.stack(grads))]
 
     def _fast(self, targets, layer, margin):
         rois = self._target_rois(targets)
@@ -424,14 +370,12 @@ class RCNNTrace(Detectron2Trace):
             values = self._values_from_outputs(logits, deltas, rois, targets)
             (g_pooled,) = torch.autograd.grad(values.sum(), pooled)
         if layer == "roi":
-            return [self._roi_windows(targets, pooled.detach(), g_pooled)]
+            return [self._roi_windows(targets, rois, pooled.detach(), g_pooled)]
         return self._level_windows(targets, layer, rois, g_pooled, margin)
 
     def _level_windows(self, targets, layer, rois, g_pooled, margin) -> list[FeatureWindows]:
-        """Back-propagate each RoI's pooled-feature gradient through RoIAlign on a window of
-        its level holding every cell the RoI reads (exact), all RoIs of a level in one
-        batched RoIAlign over equal-size windows that lie inside the level (RoIAlign clamps
-        at the level's edges, so a window must not end inside the level where it reads)."""
+        """Back-propagate each RoI's pooled-feature gradient through RoIAlign on windows of
+        its level (``WindowedTrace._roi_align_windows``: exact)."""
         det = self.detector
         poolers = det.model.roi_heads.box_pooler.level_poolers
         level = det._pooled_level_index(rois.device)[det._roi_levels(rois)]
@@ -445,43 +389,23 @@ class RCNNTrace(Detectron2Trace):
             rows = torch.where(level == lv)[0].tolist()
             others = [i for i in range(len(targets)) if int(level[i]) != lv]
             if layer != "fpn" and others:  # pooled from another level: no gradient here
-                zeros = fmap.new_zeros(len(others), fmap.shape[0], 1, 1)
-                origin = torch.zeros(len(others), 2, dtype=torch.long)
-                out.append(self._windows(name, others, targets, fmap, zeros, origin, zeros))
+                out.append(self._empty_windows(name, others, targets, fmap))
             if not rows:
                 continue
             pooler = poolers[det.box_in_features.index(name)]
             pad = self._margin(margin, rows, targets, fmap)
-            level_rois = rois[rows] * pooler.spatial_scale
-            out.append(
-                self._roi_align_windows(
-                    name, rows, targets, fmap, level_rois, pooler, pad, g_pooled[rows]
-                )
+            out += self._roi_align_windows(
+                name,
+                rows,
+                targets,
+                fmap,
+                rois[rows] * pooler.spatial_scale,
+                pad,
+                g_pooled[rows],
+                pooler.sampling_ratio,
+                pooler.aligned,
             )
         return out
-
-    def _roi_align_windows(self, name, rows, targets, fmap, level_rois, pooler, pad, g_pooled):
-        h, w = fmap.shape[-2:]
-        x1, y1, x2, y2 = level_rois.unbind(1)
-        x2, y2 = torch.maximum(x2, x1 + 1), torch.maximum(y2, y1 + 1)  # RoIs read >= 1 cell
-        start = torch.stack((y1.floor() - 1, x1.floor() - 1), 1).long() - pad
-        end = torch.stack((y2.ceil() + 2, x2.ceil() + 2), 1).long() + pad
-        hh = min(int((end[:, 0] - start[:, 0]).max()), h)
-        ww = min(int((end[:, 1] - start[:, 1]).max()), w)
-        y0 = start[:, 0].clamp(min=0).clamp(max=h - hh)
-        x0 = start[:, 1].clamp(min=0).clamp(max=w - ww)
-        ys = (y0[:, None] + torch.arange(hh, device=y0.device))[:, :, None]
-        xs = (x0[:, None] + torch.arange(ww, device=x0.device))[:, None, :]
-        windows = fmap[:, ys, xs].transpose(0, 1).contiguous().requires_grad_(True)
-        shift = torch.stack((x0, y0, x0, y0), 1).to(level_rois)
-        boxes = torch.cat((torch.arange(len(rows))[:, None].to(level_rois), level_rois - shift), 1)
-        with torch.enable_grad():
-            pooled = roi_align(
-                windows, boxes, pooler.output_size, 1.0, pooler.sampling_ratio, pooler.aligned
-            )
-            (grads,) = torch.autograd.grad(pooled, windows, grad_outputs=g_pooled)
-        origin = torch.stack((y0, x0), 1).cpu()
-        return self._windows(name, rows, targets, fmap, grads, origin, windows.detach())
 
 
 class RetinaNetTrace(Detectron2Trace):

@@ -30,8 +30,9 @@ from xaibench.detectors.local_head import (
     LocalConvHead,
     flatten_tower,
 )
+from xaibench.detectors.windows import WindowedTrace
 
-from xaibench.detector import Detector, FeatureWindows, GradientMode, WhiteBoxTrace
+from xaibench.detector import Detector, FeatureWindows, GradientMode
 from xaibench.images import to_rgb_uint8
 from xaibench.registry import DETECTORS
 from xaibench.types import ATTRIBUTES, Detections, Provenance, Target
@@ -305,7 +306,7 @@ class OneStageDetector(TorchvisionDetector):
         return OneStageTrace(self, image)
 
 
-class _BaseTrace(WhiteBoxTrace):
+class _BaseTrace(WindowedTrace):
     """Shared by both families: layer lookup, the exact (per-target autograd) reference and
     placing layer maps in the original image."""
 
@@ -385,45 +386,6 @@ class _BaseTrace(WhiteBoxTrace):
             grads = [torch.zeros_like(a) if g is None else g for g in grads]
             out.append(self._windows(name, rows, targets, a.detach()[0], torch.cat(grads).detach()))
         return out
-
-    def _windows(
-        self,
-        layer: str,
-        rows: list[int],
-        targets: Sequence[Target],
-        activation: torch.Tensor,
-        gradients: torch.Tensor,
-        origin: torch.Tensor | None = None,
-        windows: torch.Tensor | None = None,
-    ) -> FeatureWindows:
-        """Windows on a spatial layer; without ``windows`` the window is the whole layer."""
-        layer_size = (int(activation.shape[-2]), int(activation.shape[-1]))
-        idx = torch.tensor(rows, dtype=torch.long)
-        det = torch.tensor([targets[i].index for i in rows], dtype=torch.long)
-        boxes = self.detections.boxes[det.to(self.detections.boxes.device)]
-        if windows is None:
-            windows = activation[None].expand(len(rows), -1, -1, -1)
-            origin = torch.zeros(len(rows), 2, dtype=torch.long)
-        return FeatureWindows(
-            layer=layer,
-            target_index=idx,
-            activations=windows,
-            gradients=gradients,
-            origin=origin,
-            layer_size=layer_size,
-            boxes_on_layer=self.geometry.boxes_to_layer(boxes, layer_size),
-            layer_activations=activation,
-        )
-
-    def _margin(
-        self, margin, rows: list[int], targets: Sequence[Target], fmap: torch.Tensor
-    ) -> int:
-        """``margin`` in cells, or computed from the targets' boxes on this layer."""
-        if not callable(margin):
-            return int(margin)
-        det = torch.tensor([targets[i].index for i in rows], dtype=torch.long)
-        layer_size = (int(fmap.shape[-2]), int(fmap.shape[-1]))
-        return int(margin(self.geometry.boxes_to_layer(self.detections.boxes[det], layer_size)))
 
     def _target_layer(self, target: Target, layer: str) -> str:
         if layer == "fpn":
@@ -941,30 +903,7 @@ class FasterRCNNTrace(_BaseTrace):
                 torch.autograd.grad(values[i], pooled, retain_graph=True)[0][i]
                 for i in range(len(targets))
             ]
-        return [self._roi_windows(targets, pooled.detach(), torch.stack(grads))]
-
-    def _roi_windows(self, targets, pooled, grads) -> FeatureWindows:
-        rois = self._rois(targets)
-        k = pooled.shape[-1]
-        det = torch.tensor([t.index for t in targets], dtype=torch.long)
-        boxes = self.detections.boxes[det]
-        roi_boxes = self.geometry.boxes_to_original(rois)
-        # predicted box in the RoI grid's cells, for size-adaptive smoothing
-        scale = k / (roi_boxes[:, 2:] - roi_boxes[:, :2]).clamp(min=1e-6)
-        on_grid = torch.cat(
-            ((boxes[:, :2] - roi_boxes[:, :2]) * scale, (boxes[:, 2:] - roi_boxes[:, :2]) * scale),
-            1,
-        )
-        return FeatureWindows(
-            layer="roi",
-            target_index=torch.arange(len(targets)),
-            activations=pooled,
-            gradients=grads,
-            origin=torch.zeros(len(targets), 2, dtype=torch.long),
-            layer_size=(k, k),
-            boxes_on_layer=on_grid,
-            roi_boxes=roi_boxes,
-        )
+        return [self._roi_windows(targets, rois, pooled.detach(), torch.stack(grads))]
 
     def _fast(self, targets, layer, margin):
         rois = self._rois(targets)
@@ -977,16 +916,12 @@ class FasterRCNNTrace(_BaseTrace):
             values = self._values_from_outputs(logits, regression, rois, targets)
             (g_pooled,) = torch.autograd.grad(values.sum(), pooled)
         if layer == "roi":
-            return [self._roi_windows(targets, pooled.detach(), g_pooled)]
+            return [self._roi_windows(targets, rois, pooled.detach(), g_pooled)]
         return self._level_windows(targets, layer, rois, g_pooled, margin)
 
     def _level_windows(self, targets, layer, rois, g_pooled, margin) -> list[FeatureWindows]:
-        """Back-propagate each RoI's pooled-feature gradient through RoIAlign on a window of
-        its level that holds every sample the RoI reads (so the result is exact).
-
-        Windows lie inside the level (RoIAlign clamps at the level's edges, a window edge
-        inside the level would change that) and are grouped by size, so that one batched
-        RoIAlign and one backward serve a group with little padding."""
+        """Back-propagate each RoI's pooled-feature gradient through RoIAlign on windows of
+        its level (``WindowedTrace._roi_align_windows``: exact)."""
         pool = self.detector.model.roi_heads.box_roi_pool
         level = self.detector._roi_levels(rois)
         names = self.detector.feature_levels
@@ -1005,108 +940,18 @@ class FasterRCNNTrace(_BaseTrace):
             key = self.detector._feature_keys[lv]
             scale = pool.scales[self.detector._pooled_keys().index(key)]
             pad = self._margin(margin, rows, targets, fmap)
-            level_rois = rois[rows] * scale
-            spans = _roi_spans(level_rois, pad)
-            for group in _size_groups(spans[:, 2:] - spans[:, :2]):
-                out.append(
-                    self._roi_align_windows(
-                        names[lv],
-                        [rows[i] for i in group],
-                        targets,
-                        fmap,
-                        level_rois[group],
-                        spans[group],
-                        g_pooled[[rows[i] for i in group]],
-                    )
-                )
+            out += self._roi_align_windows(
+                names[lv],
+                rows,
+                targets,
+                fmap,
+                rois[rows] * scale,
+                pad,
+                g_pooled[rows],
+                pool.sampling_ratio,
+                aligned=False,
+            )
         return out
-
-    def _roi_align_windows(self, name, rows, targets, fmap, level_rois, spans, g_pooled):
-        """One group's windows: equal-size crops of ``fmap`` around each RoI (level cells),
-        RoIAlign on the crops and its backward for ``g_pooled`` (T, C, k, k)."""
-        pool = self.detector.model.roi_heads.box_roi_pool
-        h, w = fmap.shape[-2:]
-        hh = min(int((spans[:, 2] - spans[:, 0]).max()), h)
-        ww = min(int((spans[:, 3] - spans[:, 1]).max()), w)
-        y0 = spans[:, 0].clamp(min=0).clamp(max=h - hh)
-        x0 = spans[:, 1].clamp(min=0).clamp(max=w - ww)
-        ys = (y0[:, None] + torch.arange(hh))[:, :, None]
-        xs = (x0[:, None] + torch.arange(ww))[:, None, :]
-        windows = fmap[:, ys, xs].transpose(0, 1).contiguous()  # (T, C, hh, ww)
-        shift = torch.stack((x0, y0, x0, y0), 1).to(level_rois)
-        boxes = torch.cat((torch.arange(len(rows))[:, None].to(level_rois), level_rois - shift), 1)
-        grads = roi_align_backward(g_pooled, boxes, windows.shape, pool.sampling_ratio)
-        origin = torch.stack((y0, x0), 1)
-        return self._windows(name, rows, targets, fmap, grads, origin=origin, windows=windows)
-
-    def _empty_windows(self, name, rows, targets, fmap) -> FeatureWindows:
-        """One-cell windows with zero gradient, for targets that do not depend on ``fmap``."""
-        zeros = fmap.new_zeros(len(rows), fmap.shape[0], 1, 1)
-        origin = torch.zeros(len(rows), 2, dtype=torch.long)
-        return self._windows(name, rows, targets, fmap, zeros, origin=origin, windows=zeros)
-
-
-def roi_align_backward(
-    grad: torch.Tensor, boxes: torch.Tensor, shape: torch.Size, sampling_ratio: int
-) -> torch.Tensor:
-    """Gradient of ``roi_align(x, boxes, grad.shape[-2:], 1.0, sampling_ratio)`` (aligned=False)
-    with respect to ``x`` of ``shape`` (N, C, h, w), for the pooled gradient ``grad``
-    (K, C, k, k) and ``boxes`` (K, 5) (batch index, xyxy in cells): torchvision's backward
-    kernel, without the forward pass autograd would run first."""
-    n, c, h, w = shape
-    return torch.ops.torchvision._roi_align_backward(
-        grad.contiguous(),
-        boxes,
-        1.0,
-        grad.shape[-2],
-        grad.shape[-1],
-        n,
-        c,
-        h,
-        w,
-        sampling_ratio,
-        False,
-    )
-
-
-def _roi_spans(level_rois: torch.Tensor, margin: int) -> torch.Tensor:
-    """(T, 4) [y0, x0, y1, x1) cells RoIAlign (aligned=False) reads for RoIs xyxy in level
-    cells: the bilinear neighbours of every sample (RoIs are at least one cell wide), plus
-    ``margin`` cells on each side."""
-    x1, y1, x2, y2 = level_rois.unbind(1)
-    x2, y2 = torch.maximum(x2, x1 + 1), torch.maximum(y2, y1 + 1)
-    start = torch.stack((y1.floor() - 1, x1.floor() - 1), 1) - margin
-    end = torch.stack((y2.ceil() + 2, x2.ceil() + 2), 1) + margin
-    return torch.cat((start, end), 1).long()
-
-
-def _size_groups(sizes: torch.Tensor, max_groups: int = 16) -> list[list[int]]:
-    """Split rows of (T, 2) window sizes, taken in increasing area, into at most
-    ``max_groups`` runs of least total padded volume (count x max h x max w per run)."""
-    order = torch.argsort(sizes.prod(1)).numpy()
-    hs, ws = (sizes[order, k].numpy().astype(np.float64) for k in (0, 1))
-    n = len(order)
-    upper = np.triu(np.ones((n, n), dtype=bool))  # run [i, j] for j >= i
-    run_h = np.maximum.accumulate(np.where(upper, hs[None], 0), axis=1)
-    run_w = np.maximum.accumulate(np.where(upper, ws[None], 0), axis=1)
-    count = np.arange(n)[None] - np.arange(n)[:, None] + 1
-    cost = np.where(upper, count * run_h * run_w, np.inf)  # cost[i, j]: one run over i..j
-    best, starts = [cost[0]], [np.zeros(n, dtype=int)]
-    for _ in range(1, min(max_groups, n)):
-        # the last run starts at i >= 1 after a best split of [0, i - 1]
-        total = np.full((n, n), np.inf)
-        total[1:] = best[-1][:-1, None] + cost[1:]
-        starts.append(np.argmin(total, axis=0))
-        best.append(np.minimum(best[-1], total.min(axis=0)))
-        starts[-1] = np.where(best[-1] < best[-2], starts[-1], starts[-2])
-    groups, end = [], n - 1
-    for k in range(len(best) - 1, -1, -1):
-        if end < 0:
-            break
-        first = int(starts[k][end]) if k else 0
-        groups.append(order[first : end + 1].tolist())
-        end = first - 1
-    return groups[::-1]
 
 
 # ----------------------------------------------------------------------------------
