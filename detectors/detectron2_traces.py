@@ -23,7 +23,7 @@ from xaibench.detectors.geometry import InputGeometry
 from xaibench.detectors.torchvision import box_edges
 from xaibench.detectors.windows import WindowedTrace
 
-from xaibench.detector import FeatureWindows, GradientMode
+from xaibench.detector import FeatureWindows
 from xaibench.types import ATTRIBUTES, Detections, Target
 
 if TYPE_CHECKING:
@@ -84,65 +84,20 @@ class Detectron2Trace(WindowedTrace):
     def _is_level(self, layer: str) -> bool:
         return layer == "fpn" or layer in self.detector.feature_levels
 
-    def _target_layer(self, target: Target, layer: str) -> str:
-        if layer == "fpn":
-            return self.detector.feature_levels[int(self.detections.provenance.level[target.index])]
-        return layer
-
-    # interface -------------------------------------------------------------------
-    def gradients(
-        self,
-        targets: Sequence[Target],
-        layer: str = "fpn",
-        mode: GradientMode = "fast",
-        margin: int | Callable[[torch.Tensor], int] = 0,
-    ) -> list[FeatureWindows]:
-        self._check(targets)
-        if mode not in ("fast", "exact"):
-            raise ValueError(f"mode must be 'fast' or 'exact', got {mode!r}")
-        if not self._is_level(layer) and layer != "roi":
-            self._module_for(layer)  # a clear error for an unknown layer
-        if not targets:
-            return []
-        if mode == "fast" and self._has_fast_path(layer):
-            return self._fast(targets, layer, margin)
-        return self._exact(targets, layer)
-
     def target_values(self, targets: Sequence[Target]) -> torch.Tensor:
         self._check(targets)
         with torch.no_grad():
             return self._values(self.features, targets)
 
-    def to_image(self, windows: FeatureWindows, maps: torch.Tensor) -> torch.Tensor:
-        if windows.roi_boxes is not None:
-            return self.geometry.boxes_grid_to_original(maps, windows.roi_boxes)
-        return self.geometry.windows_to_original(maps, windows.origin, windows.layer_size)
-
     # exact reference ---------------------------------------------------------------
     def _exact(self, targets: Sequence[Target], layer: str) -> list[FeatureWindows]:
-        groups: dict[str, list[int]] = {}
-        for i, t in enumerate(targets):
-            groups.setdefault(self._target_layer(t, layer), []).append(i)
         with torch.enable_grad():
             if self._is_level(layer):
                 leaves = {k: v.detach().requires_grad_(True) for k, v in self.features.items()}
                 values = self._values(leaves, targets)
             else:
                 leaves, values = self._values_from_hooked(layer, targets)
-            out = []
-            for name, rows in groups.items():
-                a = leaves[name]
-                if a.dim() != 4 or a.shape[0] != 1:
-                    raise ValueError(
-                        f"layer {name!r} has shape {tuple(a.shape)}; expected (1, C, h, w)"
-                    )
-                grads = [
-                    torch.autograd.grad(values[i], a, retain_graph=True, allow_unused=True)[0]
-                    for i in rows
-                ]
-                grads = [torch.zeros_like(a) if g is None else g for g in grads]
-                out.append(self._windows(name, rows, targets, a.detach()[0], torch.cat(grads)))
-        return out
+            return self._layer_gradients(leaves, values, targets, layer)
 
     def _values_from_hooked(self, layer: str, targets: Sequence[Target]):
         """Re-run the network with ``layer``'s output (or its first map) replaced by a leaf;
@@ -240,12 +195,6 @@ class Detectron2Trace(WindowedTrace):
         return values[0], values[1:].T * values.new_tensor([-1.0, -1.0, 1.0, 1.0])
 
     # family-specific ----------------------------------------------------------------
-    def _has_fast_path(self, layer: str) -> bool:
-        raise NotImplementedError
-
-    def _fast(self, targets, layer: str, margin) -> list[FeatureWindows]:
-        raise NotImplementedError
-
     def _values(
         self,
         features: dict[str, torch.Tensor],

@@ -32,7 +32,7 @@ from xaibench.detectors.local_head import (
 )
 from xaibench.detectors.windows import WindowedTrace
 
-from xaibench.detector import Detector, FeatureWindows, GradientMode
+from xaibench.detector import Detector, FeatureWindows
 from xaibench.images import to_rgb_uint8
 from xaibench.registry import DETECTORS
 from xaibench.types import ATTRIBUTES, Detections, Provenance, Target
@@ -368,51 +368,7 @@ class _BaseTrace(WindowedTrace):
     def _exact(self, targets: Sequence[Target], layer: str) -> list[FeatureWindows]:
         hook = None if layer == "fpn" or layer in self.detector.feature_levels else layer
         tensors, state = self._graph_forward(hook)
-        values = self._graph_values(state, targets)
-        groups: dict[str, list[int]] = {}
-        for i, t in enumerate(targets):
-            groups.setdefault(self._target_layer(t, layer), []).append(i)
-        out = []
-        for name, rows in groups.items():
-            a = tensors[name]
-            if a.dim() != 4 or a.shape[0] != 1:
-                raise ValueError(
-                    f"layer {name!r} has shape {tuple(a.shape)}; expected (1, C, h, w)"
-                )
-            grads = [
-                torch.autograd.grad(values[i], a, retain_graph=True, allow_unused=True)[0]
-                for i in rows
-            ]
-            grads = [torch.zeros_like(a) if g is None else g for g in grads]
-            out.append(self._windows(name, rows, targets, a.detach()[0], torch.cat(grads).detach()))
-        return out
-
-    def _target_layer(self, target: Target, layer: str) -> str:
-        if layer == "fpn":
-            level = int(self.detections.provenance.level[target.index])
-            return self.detector.feature_levels[level]
-        return layer
-
-    def to_image(self, windows: FeatureWindows, maps: torch.Tensor) -> torch.Tensor:
-        if windows.roi_boxes is not None:
-            return self.geometry.boxes_grid_to_original(maps, windows.roi_boxes)
-        return self.geometry.windows_to_original(maps, windows.origin, windows.layer_size)
-
-    def gradients(
-        self,
-        targets: Sequence[Target],
-        layer: str = "fpn",
-        mode: GradientMode = "fast",
-        margin: int | Callable[[torch.Tensor], int] = 0,
-    ) -> list[FeatureWindows]:
-        self._check(targets)
-        if mode not in ("fast", "exact"):
-            raise ValueError(f"mode must be 'fast' or 'exact', got {mode!r}")
-        if not targets:
-            return []
-        if mode == "fast" and self._has_fast_path(layer):
-            return self._fast(targets, layer, margin)
-        return self._exact(targets, layer)
+        return self._layer_gradients(tensors, self._graph_values(state, targets), targets, layer)
 
     def target_values(self, targets: Sequence[Target]) -> torch.Tensor:
         self._check(targets)
@@ -482,12 +438,6 @@ class _BaseTrace(WindowedTrace):
         return values[0], values[1:].T * values.new_tensor([-1.0, -1.0, 1.0, 1.0])
 
     # family-specific -------------------------------------------------------------
-    def _has_fast_path(self, layer: str) -> bool:
-        raise NotImplementedError
-
-    def _fast(self, targets: Sequence[Target], layer: str, margin: int) -> list[FeatureWindows]:
-        raise NotImplementedError
-
     def _graph_state(self, features: OrderedDict[str, torch.Tensor]) -> Any:
         raise NotImplementedError
 

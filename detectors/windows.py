@@ -8,22 +8,105 @@ RoIs in cells of their level, boxes of ``detections`` in original pixels. Window
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from xaibench.detectors.geometry import InputGeometry
 
-from xaibench.detector import FeatureWindows, WhiteBoxTrace
+from xaibench.detector import FeatureWindows, GradientMode, WhiteBoxTrace
 from xaibench.types import Detections, Target
 
 
 class WindowedTrace(WhiteBoxTrace):
-    """A trace whose fast paths return windows of its feature layers; subclasses set
-    ``geometry`` and ``detections``."""
+    """A trace whose fast paths return windows of its feature layers and whose exact path
+    runs one autograd backward per target. Subclasses set ``detector`` (with its
+    ``feature_levels``), ``geometry`` and ``detections``, and implement the family-specific
+    methods at the end."""
 
+    detector: Any
     geometry: InputGeometry
     detections: Detections
+
+    def gradients(
+        self,
+        targets: Sequence[Target],
+        layer: str = "fpn",
+        mode: GradientMode = "fast",
+        margin: int | Callable[[torch.Tensor], int] = 0,
+    ) -> list[FeatureWindows]:
+        self._check(targets)
+        if mode not in ("fast", "exact"):
+            raise ValueError(f"mode must be 'fast' or 'exact', got {mode!r}")
+        if layer not in ("fpn", "roi", *self.detector.feature_levels):
+            self._module_for(layer)  # a clear error for an unknown layer
+        if not targets:
+            return []
+        if mode == "fast" and self._has_fast_path(layer):
+            return self._fast(targets, layer, margin)
+        return self._exact(targets, layer)
+
+    def to_image(self, windows: FeatureWindows, maps: torch.Tensor) -> torch.Tensor:
+        if windows.roi_boxes is not None:
+            return self.geometry.boxes_grid_to_original(maps, windows.roi_boxes)
+        return self.geometry.windows_to_original(maps, windows.origin, windows.layer_size)
+
+    def _target_layer(self, target: Target, layer: str) -> str:
+        """The layer ``target`` is explained on: its own pyramid level for ``"fpn"``."""
+        if layer == "fpn":
+            level = int(self.detections.provenance.level[target.index])
+            return self.detector.feature_levels[level]
+        return layer
+
+    def _layer_gradients(
+        self,
+        layers: dict[str, torch.Tensor],
+        values: torch.Tensor,
+        targets: Sequence[Target],
+        layer: str,
+    ) -> list[FeatureWindows]:
+        """The exact reference: one autograd backward of each target's value (``values`` (T,),
+        with their graph) to its layer among ``layers`` ({name: (1, C, h, w)})."""
+        groups: dict[str, list[int]] = {}
+        for i, t in enumerate(targets):
+            groups.setdefault(self._target_layer(t, layer), []).append(i)
+        out = []
+        for name, rows in groups.items():
+            a = layers[name]
+            if a.dim() != 4 or a.shape[0] != 1:
+                raise ValueError(
+                    f"layer {name!r} has shape {tuple(a.shape)}; expected (1, C, h, w)"
+                )
+            grads = [
+                torch.autograd.grad(values[i], a, retain_graph=True, allow_unused=True)[0]
+                for i in rows
+            ]
+            grads = [torch.zeros_like(a) if g is None else g for g in grads]
+            out.append(self._windows(name, rows, targets, a.detach()[0], torch.cat(grads)))
+        return out
+
+    # family-specific ---------------------------------------------------------------
+    @abstractmethod
+    def _module_for(self, layer: str) -> nn.Module:
+        """The module named by ``layer`` (a backbone stage or ``module:<dotted.name>``);
+        ``KeyError`` listing the known layers otherwise."""
+
+    @abstractmethod
+    def _has_fast_path(self, layer: str) -> bool:
+        """Whether ``layer`` has a structured (fast) path."""
+
+    @abstractmethod
+    def _fast(
+        self, targets: Sequence[Target], layer: str, margin: int | Callable[[torch.Tensor], int]
+    ) -> list[FeatureWindows]:
+        """All targets' windows at once on ``layer``."""
+
+    @abstractmethod
+    def _exact(self, targets: Sequence[Target], layer: str) -> list[FeatureWindows]:
+        """One autograd backward per target (``_layer_gradients``)."""
 
     def _windows(
         self,
