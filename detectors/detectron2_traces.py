@@ -444,30 +444,4 @@ class RetinaNetTrace(Detectron2Trace):
             names = list(cells)
             grads = torch.autograd.grad(values.sum(), [cells[n] for n in names], allow_unused=True)
         cot = {n: g for n, g in zip(names, grads, strict=True) if g is not None}
-        head = self.detector.local_head
-        if layer == "fpn":
-            groups = [(lv, torch.where(level == lv)[0]) for lv in level.unique().tolist()]
-        else:  # predictions of other levels have no gradient on this one
-            groups = [(self.detector.feature_levels.index(layer), torch.arange(len(targets)))]
-        out = []
-        for lv, rows in groups:
-            own = level[rows] == lv
-            ys, xs = torch.where(own, y[rows], 0), torch.where(own, x[rows], 0)
-            cot_rows = {n: c[rows] * own[:, None] for n, c in cot.items()}
-            feat = self.levels[int(lv)][0]
-            pad = self._margin(margin, rows.tolist(), targets, feat)
-            parts = head.level_parts(
-                int(lv),
-                feat,
-                ys,
-                xs,
-                cot_rows,
-                self.records,  # this trace's own ReLU masks and norm statistics
-                self.detector.gn_tolerance,
-                self.detector.exact_level_cells,
-                pad,
-            )
-            name = self.detector.feature_levels[int(lv)]
-            for part, g, origin, acts in parts:
-                out.append(self._windows(name, rows[part].tolist(), targets, feat, g, origin, acts))
-        return out
+        return self._local_head_windows(targets, layer, (level, y, x), cot, self.levels, margin)

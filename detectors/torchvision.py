@@ -533,37 +533,7 @@ class OneStageTrace(_BaseTrace):
             names = list(cells)
             grads = torch.autograd.grad(values.sum(), [cells[n] for n in names], allow_unused=True)
         cot = {n: g for n, g in zip(names, grads, strict=True) if g is not None}
-        head = self.detector.local_head
-        out = []
-        if layer == "fpn":
-            groups = [(lv, torch.where(level == lv)[0]) for lv in level.unique().tolist()]
-        else:  # predictions of other levels have no gradient on this one
-            groups = [(self.detector.feature_levels.index(layer), torch.arange(len(targets)))]
-        for lv, rows in groups:
-            own = level[rows] == lv
-            ys, xs = torch.where(own, y[rows], 0), torch.where(own, x[rows], 0)
-            cot_rows = {n: c[rows] * own[:, None] for n, c in cot.items()}
-            feat = self.features[int(lv)][0]
-            pad = self._margin(margin, rows.tolist(), targets, feat)
-            parts = head.level_parts(
-                int(lv),
-                feat,
-                ys,
-                xs,
-                cot_rows,
-                self.records,
-                self.detector.gn_tolerance,
-                self.detector.exact_level_cells,
-                pad,
-            )
-            for part, g, origin, acts in parts:
-                name = self.detector.feature_levels[int(lv)]
-                out.append(
-                    self._windows(
-                        name, rows[part].tolist(), targets, feat, g, origin=origin, windows=acts
-                    )
-                )
-        return out
+        return self._local_head_windows(targets, layer, (level, y, x), cot, self.features, margin)
 
     def _level_features(self) -> list[torch.Tensor]:
         return self.features

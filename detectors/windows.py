@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 from xaibench.detectors.geometry import InputGeometry
+from xaibench.detectors.local_head import LevelRecord
 
 from xaibench.detector import FeatureWindows, GradientMode, WhiteBoxTrace
 from xaibench.types import Detections, Target
@@ -30,6 +31,7 @@ class WindowedTrace(WhiteBoxTrace):
     detector: Any
     geometry: InputGeometry
     detections: Detections
+    records: dict[str, list[LevelRecord]] | None = None  # one-stage heads' forward records
 
     def gradients(
         self,
@@ -86,6 +88,41 @@ class WindowedTrace(WhiteBoxTrace):
             ]
             grads = [torch.zeros_like(a) if g is None else g for g in grads]
             out.append(self._windows(name, rows, targets, a.detach()[0], torch.cat(grads)))
+        return out
+
+    def _local_head_windows(
+        self,
+        targets: Sequence[Target],
+        layer: str,
+        cells: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        cotangents: dict[str, torch.Tensor],
+        levels: Sequence[torch.Tensor],
+        margin: int | Callable[[torch.Tensor], int],
+    ) -> list[FeatureWindows]:
+        """A one-stage head's fast path: given each target's cell ``(level, y, x)`` (T,) and the
+        gradient of its value with respect to the raw head outputs at that cell
+        (``cotangents`` {output name: (T, C_out)}), its windows on ``layer`` (``"fpn"``: its
+        own level) from ``detector.local_head`` over this trace's records; ``levels`` are
+        the pyramid levels (1, C, h, w)."""
+        level, y, x = cells
+        det = self.detector
+        if layer == "fpn":
+            groups = [(lv, torch.where(level == lv)[0]) for lv in level.unique().tolist()]
+        else:  # predictions of other levels have no gradient on this one
+            groups = [(det.feature_levels.index(layer), torch.arange(len(targets)))]
+        out = []
+        for lv, rows in groups:
+            own = level[rows] == lv
+            ys, xs = torch.where(own, y[rows], 0), torch.where(own, x[rows], 0)
+            cot = {n: c[rows] * own[:, None] for n, c in cotangents.items()}
+            feat = levels[lv][0]
+            pad = self._margin(margin, rows.tolist(), targets, feat)
+            parts = det.local_head.level_parts(
+                lv, feat, ys, xs, cot, self.records, det.gn_tolerance, det.exact_level_cells, pad
+            )
+            name = det.feature_levels[lv]
+            for part, g, origin, acts in parts:
+                out.append(self._windows(name, rows[part].tolist(), targets, feat, g, origin, acts))
         return out
 
     # family-specific ---------------------------------------------------------------
