@@ -35,8 +35,9 @@ if TYPE_CHECKING:
 
 
 class Detectron2Trace(WindowedTrace):
-    """Shared by both families: layers, the exact (per-target autograd) reference, placing
-    layer maps in the original image and feature-space masking.
+    """Shared by both families: layers, the leaves the exact (per-target autograd) reference
+    differentiates, and feature-space masking (the windows, dispatch and placing in the
+    original image come from ``WindowedTrace``).
 
     The FPN levels of the image are computed once; gradients on them start from those levels
     (leaves), so only the heads run again. Backbone stages and ``module:<name>`` layers re-run

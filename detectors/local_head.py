@@ -243,7 +243,7 @@ class LocalConvHead:
                 elif isinstance(leaf, NormRecord):
                     g = g * leaf.scale[None, :, None, None]
                     if isinstance(leaf, GroupNormRecord):
-                        g = g - _statistics_term(g, leaf.normalised(), m.num_groups)
+                        g = g - _statistics_term(g, leaf)
             total = g if total is None else total + g
         if total is None:
             raise ValueError(f"no cotangent for any head output; got {sorted(cotangents)}")
@@ -447,17 +447,14 @@ def _inside_level(
     return (on_rows[:, :, None] & on_cols[:, None, :])[:, None].to(like.dtype)
 
 
-def _statistics_term(g: torch.Tensor, z: torch.Tensor, groups: int) -> torch.Tensor:
+def _statistics_term(g: torch.Tensor, leaf: GroupNormRecord) -> torch.Tensor:
     """The part of a GroupNorm input gradient that flows through the statistics:
     m1 + z * m2, m1 and m2 the means of g and g * z over each group's channels and cells.
-    ``g`` (T, C, h, w) is (gamma/sigma) * the output gradient, ``z`` (C, h, w) the
+    ``g`` (T, C, h, w) is (gamma/sigma) * the output gradient, z (C, h, w) the layer's
     normalised input."""
-    t, c = g.shape[:2]
-    per_group = (t, groups, -1)
-    m1 = g.reshape(per_group).mean(-1)
-    m2 = (g * z).reshape(per_group).mean(-1)
-    m1 = m1.repeat_interleave(c // groups, 1)[:, :, None, None]
-    m2 = m2.repeat_interleave(c // groups, 1)[:, :, None, None]
+    t, groups, z = g.shape[0], len(leaf.mean), leaf.normalised()
+    m1 = leaf.per_channel(g.reshape(t, groups, -1).mean(-1))[:, :, None, None]
+    m2 = leaf.per_channel((g * z).reshape(t, groups, -1).mean(-1))[:, :, None, None]
     return m1 + z * m2
 
 

@@ -307,8 +307,9 @@ class OneStageDetector(TorchvisionDetector):
 
 
 class _BaseTrace(WindowedTrace):
-    """Shared by both families: layer lookup, the exact (per-target autograd) reference and
-    placing layer maps in the original image."""
+    """Shared by both families: input preparation, layer lookup, the autograd graph the exact
+    reference differentiates, and feature-space masking (the windows, dispatch and placing in
+    the original image come from ``WindowedTrace``)."""
 
     def __init__(self, detector: TorchvisionDetector, image: np.ndarray) -> None:
         self.detector = detector
