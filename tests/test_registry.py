@@ -6,7 +6,7 @@ from importlib.metadata import EntryPoint
 
 import pytest
 
-from xaibench.registry import ALL_REGISTRIES, Registry, UnknownNameError
+from xaibench.registry import ALL_REGISTRIES, Registry, UnknownNameError, plugin_name
 
 
 def test_register_get_and_list() -> None:
@@ -51,3 +51,11 @@ def test_builtin_plugins_register_through_entry_points() -> None:
     assert "fcos_resnet50_fpn" in ALL_REGISTRIES["detectors"]
     assert "coco" in ALL_REGISTRIES["datasets"]
     assert set(ALL_REGISTRIES) == {"detectors", "methods", "metrics", "nms", "recipes", "datasets"}
+
+
+def test_plugin_name_of_a_label() -> None:
+    assert plugin_name("odam") == "odam"
+    assert plugin_name("odam@p3") == "odam"
+    for bad in ("", "@p3", "odam@"):
+        with pytest.raises(ValueError, match="NAME@VARIANT"):
+            plugin_name(bad)

@@ -92,6 +92,15 @@ class Registry(Generic[T]):
                 self._add(ep.name, loaded)
 
 
+def plugin_name(label: str) -> str:
+    """The registered name behind a label. A plugin listed more than once (a method on two
+    layers) gets one label per listing, ``NAME@VARIANT``: ``plugin_name("odam@p3") == "odam"``."""
+    name, _, variant = label.partition("@")
+    if not name or (label.count("@") and not variant):
+        raise ValueError(f"a label is NAME or NAME@VARIANT, got {label!r}")
+    return name
+
+
 def _is_module(obj: object) -> bool:
     return type(obj).__name__ == "module"
 
