@@ -32,6 +32,9 @@ _RESUME_FREE_FIELDS = {"device", "checkpoint_every"}  # may differ between a run
 class CheckpointError(RuntimeError):
     """A checkpoint file that cannot be read or does not match the run resuming from it."""
 
+    option = "--detector"
+    """The command-line option the error concerns (a detector's cached weights)."""
+
 
 class BaselineConfig(BaseModel):
     """Hyper-parameters of the baseline recipe (validated once, stored with the checkpoints)."""

@@ -192,7 +192,7 @@ def load_demo(
 
 
 def _load_weights(model: nn.Module, path: Path) -> None:
-    hint = "pass retrain=True to train the detector again"
+    hint = "train it again with --detector-param retrain=true (retrain=True in Python)"
     state = load_checkpoint(path, hint=hint)
     try:
         model.load_state_dict(state["model"])
