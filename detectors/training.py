@@ -8,6 +8,7 @@ returns a dict of losses, where images are float CHW tensors in [0, 1] and targe
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -227,8 +228,12 @@ def train(
     config: BaselineConfig | None = None,
     checkpoint_dir: str | Path | None = None,
     progress: bool = True,
+    log_every: int = 0,
 ) -> TrainResult:
     """Train ``model`` in place on ``dataset`` and return it in eval mode.
+
+    ``progress`` shows a tqdm bar (on stderr); ``log_every`` > 0 also writes one plain line
+    per that many steps to stderr (step, smoothed loss, seconds), for logs without a terminal.
 
     With ``checkpoint_dir``, the model, optimizer, step and RNG state are written to
     ``checkpoint_dir/last.pt`` every ``config.checkpoint_every`` steps and at the end, and a
@@ -277,6 +282,12 @@ def train(
             smoothed = losses[-1] if smoothed is None else 0.95 * smoothed + 0.05 * losses[-1]
             bar.set_postfix(loss=f"{smoothed:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2g}")
             bar.update()
+            if log_every and (step % log_every == 0 or step == total):
+                elapsed = time.perf_counter() - start
+                bar.write(
+                    f"baseline: step {step}/{total}, loss {smoothed:.3f}, {elapsed:.0f} s",
+                    file=sys.stderr,
+                )
             every = config.checkpoint_every
             if path is not None and (step == total or (every and step % every == 0)):
                 seconds = time.perf_counter() - start
