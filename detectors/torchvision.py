@@ -30,6 +30,7 @@ from xaibench.detectors.local_head import (
     LocalConvHead,
     flatten_tower,
 )
+from xaibench.detectors.training import check_finite
 from xaibench.detectors.weights import pretrained, warn_random
 from xaibench.detectors.windows import WindowedTrace
 
@@ -944,6 +945,7 @@ def load_checkpoint(model: nn.Module, path: Path) -> None:
         raise ValueError(f"cannot read weights file {path}: {err}") from err
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
+    check_finite(state, path)
     try:
         model.load_state_dict(state)
     except RuntimeError as err:

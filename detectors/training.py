@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -158,7 +158,26 @@ def load_checkpoint(path: Path, hint: str = "") -> dict:
         ) from exc
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path} is not an xaibench checkpoint (no 'model' entry)")
+    check_finite(state["model"], path, hint)
     return state
+
+
+def check_finite(weights: Mapping[str, Any], path: Path, hint: str = "") -> None:
+    """Raise ``CheckpointError`` naming ``path`` and the entries of the state dict
+    ``weights`` that hold NaN or inf (such a model detects nothing, or NaN boxes); anything
+    but a mapping is left to the loader to refuse."""
+    if not isinstance(weights, Mapping):
+        return
+    bad = [
+        f"{name} ({int((~torch.isfinite(t)).sum())} of {t.numel()} values)"
+        for name, t in weights.items()
+        if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all()
+    ]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise CheckpointError(
+            f"checkpoint {path} holds NaN or inf weights in {shown}" + (f"; {hint}" if hint else "")
+        )
 
 
 def _make_optimizer(model: nn.Module, config: BaselineConfig) -> torch.optim.Optimizer:

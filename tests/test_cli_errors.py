@@ -105,3 +105,10 @@ def test_typed_params_converts_to_the_annotated_types() -> None:
     drise = METHODS.get("drise")
     assert typed_params(drise, {"n": 5, "p": 1}, "-p") == {"n": 5, "p": 1.0}
     assert typed_params(METHODS.get("odam"), {"layer": 0}, "-p") == {"layer": "0"}  # level "0"
+
+
+@pytest.mark.parametrize("size", [(1, 1), (10000, 10)])
+def test_images_no_detector_can_see_are_refused(tmp_path, size) -> None:
+    odd = tmp_path / "odd.png"
+    Image.new("RGB", size, "white").save(odd)
+    one_line_error(runner.invoke(app, explain(odd)), "error: IMAGE:", "odd.png is")

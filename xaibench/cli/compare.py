@@ -12,7 +12,7 @@ from rich.table import Table
 from xaibench.cli.errors import output_folder, shown_warnings, typed_params, user_errors
 from xaibench.cli.explain import build_method, parse_params
 from xaibench.compare import compare_methods, write_comparison
-from xaibench.images import load_image
+from xaibench.images import load_detectable
 from xaibench.registry import DETECTORS, plugin_name
 from xaibench.types import ATTRIBUTES
 
@@ -89,7 +89,7 @@ def compare(
     with user_errors("--out", debug):
         output_folder(out)
     with user_errors("IMAGE", debug):
-        picture = load_image(image)
+        picture = load_detectable(image)
     det_kwargs = parse_params(detector_param)
     if weights is not None:
         det_kwargs["weights"] = weights

@@ -11,7 +11,7 @@ from rich.console import Console
 
 from xaibench.cli.errors import output_folder, shown_warnings, typed_params, user_errors
 from xaibench.explain import explain_image, write_explanation
-from xaibench.images import load_image
+from xaibench.images import load_detectable
 from xaibench.method import ExplanationMethod
 from xaibench.registry import DETECTORS, METHODS, plugin_name
 from xaibench.types import ATTRIBUTES
@@ -69,7 +69,7 @@ def explain(
     with user_errors("--out", debug):
         output_folder(out)
     with user_errors("IMAGE", debug):
-        pictures = [load_image(path) for path in images]
+        pictures = [load_detectable(path) for path in images]
     det_kwargs = parse_params(detector_param)
     if weights is not None:
         det_kwargs["weights"] = weights
