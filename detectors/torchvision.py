@@ -30,6 +30,8 @@ from xaibench.detectors.local_head import (
     LocalConvHead,
     flatten_tower,
 )
+from xaibench.detectors.training import check_finite
+from xaibench.detectors.weights import pretrained, warn_random
 from xaibench.detectors.windows import WindowedTrace
 
 from xaibench.detector import Detector, FeatureWindows
@@ -918,13 +920,15 @@ def _builder(factory: Callable[..., nn.Module], name: str) -> Callable[..., Torc
         options = {k: model_kwargs.pop(k) for k in WRAPPER_OPTIONS if k in model_kwargs}
         kwargs: dict[str, Any] = {"min_size": min_size, "max_size": max_size, **model_kwargs}
         if weights == "DEFAULT":
-            model = factory(weights="DEFAULT", **kwargs)
+            model = pretrained(factory, name, **kwargs)
         else:
             if num_classes is None:
                 num_classes = len(class_names) if class_names is not None else 91
             model = factory(weights=None, weights_backbone=None, num_classes=num_classes, **kwargs)
             if weights is not None:
                 load_checkpoint(model, Path(weights))
+            else:
+                warn_random(name)
         return wrap(model, class_names=class_names, name=name, device=device, **options)
 
     build.__name__ = f"build_{name.replace('-', '_')}"
@@ -941,6 +945,7 @@ def load_checkpoint(model: nn.Module, path: Path) -> None:
         raise ValueError(f"cannot read weights file {path}: {err}") from err
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
+    check_finite(state, path)
     try:
         model.load_state_dict(state)
     except RuntimeError as err:

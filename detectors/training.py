@@ -8,8 +8,9 @@ returns a dict of losses, where images are float CHW tensors in [0, 1] and targe
 from __future__ import annotations
 
 import math
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -31,6 +32,9 @@ _RESUME_FREE_FIELDS = {"device", "checkpoint_every"}  # may differ between a run
 
 class CheckpointError(RuntimeError):
     """A checkpoint file that cannot be read or does not match the run resuming from it."""
+
+    option = "--detector"
+    """The command-line option the error concerns (a detector's cached weights)."""
 
 
 class BaselineConfig(BaseModel):
@@ -154,7 +158,26 @@ def load_checkpoint(path: Path, hint: str = "") -> dict:
         ) from exc
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path} is not an xaibench checkpoint (no 'model' entry)")
+    check_finite(state["model"], path, hint)
     return state
+
+
+def check_finite(weights: Mapping[str, Any], path: Path, hint: str = "") -> None:
+    """Raise ``CheckpointError`` naming ``path`` and the entries of the state dict
+    ``weights`` that hold NaN or inf (such a model detects nothing, or NaN boxes); anything
+    but a mapping is left to the loader to refuse."""
+    if not isinstance(weights, Mapping):
+        return
+    bad = [
+        f"{name} ({int((~torch.isfinite(t)).sum())} of {t.numel()} values)"
+        for name, t in weights.items()
+        if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all()
+    ]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise CheckpointError(
+            f"checkpoint {path} holds NaN or inf weights in {shown}" + (f"; {hint}" if hint else "")
+        )
 
 
 def _make_optimizer(model: nn.Module, config: BaselineConfig) -> torch.optim.Optimizer:
@@ -224,8 +247,12 @@ def train(
     config: BaselineConfig | None = None,
     checkpoint_dir: str | Path | None = None,
     progress: bool = True,
+    log_every: int = 0,
 ) -> TrainResult:
     """Train ``model`` in place on ``dataset`` and return it in eval mode.
+
+    ``progress`` shows a tqdm bar (on stderr); ``log_every`` > 0 also writes one plain line
+    per that many steps to stderr (step, smoothed loss, seconds), for logs without a terminal.
 
     With ``checkpoint_dir``, the model, optimizer, step and RNG state are written to
     ``checkpoint_dir/last.pt`` every ``config.checkpoint_every`` steps and at the end, and a
@@ -274,6 +301,12 @@ def train(
             smoothed = losses[-1] if smoothed is None else 0.95 * smoothed + 0.05 * losses[-1]
             bar.set_postfix(loss=f"{smoothed:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2g}")
             bar.update()
+            if log_every and (step % log_every == 0 or step == total):
+                elapsed = time.perf_counter() - start
+                bar.write(
+                    f"baseline: step {step}/{total}, loss {smoothed:.3f}, {elapsed:.0f} s",
+                    file=sys.stderr,
+                )
             every = config.checkpoint_every
             if path is not None and (step == total or (every and step % every == 0)):
                 seconds = time.perf_counter() - start

@@ -22,6 +22,7 @@ from xaibench.evaluate import (
     summarise,
     wide_table,
 )
+from xaibench.labels import rename_categories
 
 runner = CliRunner()
 
@@ -148,6 +149,8 @@ def test_detector_scope_metrics_give_one_row_set_per_detector_and_a_verdict(
         selection="top-k", selection_params={"top_k": 2},
     )  # fmt: skip
     dataset = CocoDataset(scenes.annotation_file, scenes.images_dir)
+    names = {"circle": "object", "square": "other", "triangle": None}  # the toy's two classes
+    dataset.class_names = rename_categories(dataset.class_names, names)
     result = run_evaluation(dataset, settings, tmp_path / "out", progress=False)
     rows = result.instances
     drift = rows[rows["method"] == DETECTOR_ROWS]

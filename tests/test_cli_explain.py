@@ -9,6 +9,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from xaibench.cli import app
+from xaibench.visualize import colour_bar
 
 runner = CliRunner()
 
@@ -28,7 +29,7 @@ def test_explain_writes_overlays_maps_and_json(tmp_path, random_image: np.ndarra
         ],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    payload = json.loads((out / "detections.json").read_text())
+    payload = json.loads((out / "scene.detections.json").read_text())
     assert payload["image_size"] == [150, 200]
     explained = [d for d in payload["detections"] if d["explained"]]
     assert len(explained) == 2
@@ -38,7 +39,8 @@ def test_explain_writes_overlays_maps_and_json(tmp_path, random_image: np.ndarra
         for files in record["maps"].values():
             heat = np.load(out / files["npy"])
             assert heat.shape == (150, 200) and heat.dtype == np.float32
-            assert Image.open(out / files["png"]).size == (200, 150)
+            bar = colour_bar(heat, 150).shape[1]  # the overlay, then its colour bar
+            assert Image.open(out / files["png"]).size == (200 + bar, 150)
     scores = [d["score"] for d in explained]
     assert scores == sorted(scores, reverse=True)
 
@@ -48,7 +50,7 @@ def test_unknown_detector_lists_the_known_ones(tmp_path, random_image: np.ndarra
     Image.fromarray(random_image).save(image_path)
     result = runner.invoke(app, ["explain", str(image_path), "--detector", "fcos_r50"])
     assert result.exit_code != 0
-    assert "fcos_resnet50_fpn" in str(result.exception)
+    assert "fcos_resnet50_fpn" in result.output
 
 
 def test_list_shows_every_registry() -> None:

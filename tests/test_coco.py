@@ -13,6 +13,7 @@ from xaibench.datasets import (
     CrowdHumanDataset,
     generate_synthetic,
 )
+from xaibench.images import ImageLoadError
 from xaibench.registry import DATASETS
 
 
@@ -190,3 +191,71 @@ def test_crowdhuman_errors_name_file_line_and_id(tmp_path):
     odgt.write_text('{"ID": "x", "gtboxes": []}\n')
     with pytest.raises(FileNotFoundError, match="no image file for ID 'x'"):
         CrowdHumanDataset(odgt, tmp_path)[0]
+
+
+# -- wrong but plausible data ---------------------------------------------------------------
+
+
+def test_boxes_outside_the_image_are_skipped_or_clipped_with_a_warning(tmp_path):
+    anns = [
+        annotation(1, [20, 2, 3, 3]),  # entirely right of the 10 px wide image
+        annotation(2, [-4, -5, 3, 3]),  # entirely above and left of it
+        annotation(3, [6, 4, 8, 8]),  # reaches 4 px beyond the right and bottom edges
+        annotation(4, [0, 0, 10.4, 8]),  # 0.4 px beyond: rounding, clipped silently
+    ]
+    with pytest.warns(UserWarning) as caught:
+        dataset = CocoDataset(write_coco(tmp_path, anns), tmp_path)
+    messages = [str(w.message) for w in caught]
+    assert any("skipping 2" in m and "entirely outside" in m and "1, 2" in m for m in messages)
+    assert any("clipping" in m and "partly outside" in m and "id(s) 3" in m for m in messages)
+    boxes = {i.id: i.box.tolist() for i in dataset[0].instances}
+    assert boxes == {3: [6, 4, 10, 8], 4: [0, 0, 10, 8]}
+
+
+@pytest.mark.parametrize("bbox", [[float("nan"), 1, 2, 2], [1, 1, float("inf"), 2], [1, "2", 3, 4]])
+def test_non_finite_boxes_are_an_error(tmp_path, bbox):
+    with pytest.raises(AnnotationError, match=r"annotation id 6 field 'bbox' .*finite numbers"):
+        CocoDataset(write_coco(tmp_path, [annotation(6, bbox)]), tmp_path)
+
+
+def test_repeated_annotation_and_image_ids_are_an_error(tmp_path):
+    images = [
+        {"id": 5, "file_name": "a.png", "width": 10, "height": 8},
+        {"id": 6, "file_name": "a.png", "width": 10, "height": 8},
+    ]
+    anns = [annotation(1, [0, 0, 2, 2]), {**annotation(1, [3, 3, 2, 2]), "image_id": 6}]
+    with pytest.raises(AnnotationError, match=r"annotations id 1 .* \(image ids 5 and 6\)"):
+        CocoDataset(write_coco(tmp_path, anns, images), tmp_path)
+    with pytest.raises(AnnotationError, match=r"images id 5 appears more than once"):
+        CocoDataset(write_coco(tmp_path, [], [images[0], images[0]]), tmp_path)
+
+
+def test_rle_that_does_not_fit_the_image_is_an_error(tmp_path):
+    short = {"size": [8, 10], "counts": [17, 4, 4, 4, 4, 4, 4, 4, 30]}  # 75 of 80 pixels
+    with pytest.raises(AnnotationError, match=r"id 2 field 'segmentation.counts' sums to 75, exp"):
+        CocoDataset(
+            write_coco(tmp_path, [annotation(2, [2, 1, 4, 4], segmentation=short)]), tmp_path
+        )
+    other_size = {"size": [10, 8], "counts": "a04400000o0"}
+    with pytest.raises(
+        AnnotationError, match=r"'segmentation.size' = \[10, 8\], expected .*\[8, 10\]"
+    ):
+        CocoDataset(
+            write_coco(tmp_path, [annotation(2, [2, 1, 4, 4], segmentation=other_size)]), tmp_path
+        )
+
+
+@pytest.mark.parametrize(("size", "expected"), [((1, 1), "1x1 px"), ((10000, 10), "1000:1")])
+def test_images_no_detector_can_see_are_an_error_naming_them(tmp_path, size, expected):
+    width, height = size
+    Image.new("RGB", size, "white").save(tmp_path / "odd.png")
+    images = [{"id": 5, "file_name": "odd.png", "width": width, "height": height}]
+    dataset = CocoDataset(write_coco(tmp_path, [], images), tmp_path)
+    with pytest.raises(ImageLoadError, match=rf"odd\.png \(image id 5\) is .*{expected}"):
+        dataset[0]
+
+
+def test_image_sizes_in_the_json_must_be_positive_integers(tmp_path):
+    images = [{"id": 5, "file_name": "a.png", "width": 10, "height": 0}]
+    with pytest.raises(AnnotationError, match=r"image id 5 field 'height' must be a positive"):
+        CocoDataset(write_coco(tmp_path, [], images), tmp_path)

@@ -706,7 +706,7 @@ def test_commands_take_a_detectron2_config_and_weights(d2, tmp_path) -> None:
         ],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    payload = json.loads((tmp_path / "explain" / "detections.json").read_text())
+    payload = json.loads((tmp_path / "explain" / "scene.detections.json").read_text())
     explained = [d for d in payload["detections"] if d["explained"]]
     assert len(explained) == 2 and explained[0]["provenance"]["level"] in ("p3", "p4", "p5", "p6")
     assert explained[0]["class_name"] in ("circle", "square", "triangle")
@@ -722,7 +722,7 @@ def test_commands_take_a_detectron2_config_and_weights(d2, tmp_path) -> None:
         ],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    compared = json.loads((tmp_path / "compare" / "detections.json").read_text())
+    compared = json.loads((tmp_path / "compare" / "scene.detections.json").read_text())
     maps = next(d["maps"] for d in compared["detections"] if d["explained"])
     assert {"odam:score", "gradcam:score", "drise:score"} <= set(maps)
     result = runner.invoke(

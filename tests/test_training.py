@@ -14,6 +14,7 @@ from xaibench.detectors.training import (
     BaselineConfig,
     CheckpointError,
     batch_indices,
+    load_checkpoint,
     sample_to_target,
     train,
 )
@@ -149,3 +150,27 @@ def test_sample_to_target_flips_boxes_and_drops_ignored() -> None:
     assert tensor.shape == (3, 10, 20) and tensor[:, :, 15:].min() == 1.0
     assert target["boxes"].tolist() == [[15.0, 1.0, 20.0, 9.0]]
     assert target["labels"].tolist() == [2] and target["labels"].dtype == torch.int64
+
+
+def test_nan_weights_in_a_checkpoint_name_the_file_and_the_tensors(tmp_path: Path) -> None:
+    from xaibench.registry import DETECTORS
+
+    torch.manual_seed(0)
+    model = build_small_fcos(4)
+    state = model.state_dict()
+    state["head.classification_head.cls_logits.bias"][1] = float("nan")
+    path = tmp_path / "nan.pt"
+    torch.save({"model": state}, path)
+    with pytest.raises(
+        CheckpointError,
+        match=r"nan\.pt holds NaN or inf weights in head\."
+        r"classification_head\.cls_logits\.bias \(1 of 4 values\); retrain",
+    ):
+        load_checkpoint(path, hint="retrain")
+    with pytest.raises(CheckpointError, match=r"nan\.pt holds NaN or inf weights"):
+        DETECTORS.build("fcos_resnet50_fpn", weights=str(path), num_classes=4)
+    cached = tmp_path / "detectors" / "synthetic-fcos" / "weights.pt"
+    cached.parent.mkdir(parents=True)
+    torch.save({"model": state}, cached)  # the demo detector's cache, as a NaN run leaves it
+    with pytest.raises(CheckpointError, match=r"weights\.pt holds NaN .*--detector-param retrain"):
+        DETECTORS.build("synthetic-fcos", cache_dir=tmp_path)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from xaibench.detectors.training import CheckpointError
+from xaibench.detectors.training import BaselineConfig, CheckpointError
 from xaibench.detectors.zoo import DEMO_CLASS_NAMES, DEMOS, demo_data
 
 from xaibench.cache import atomic_write, cache_dir
@@ -105,3 +105,24 @@ def test_demo_detector_reaches_ap50_on_held_out_scenes(name: str) -> None:
     info = json.loads((cache_dir() / "detectors" / name / "info.json").read_text())
     assert info["val"]["AP50"] == pytest.approx(ap50, abs=1e-6)
     assert detector.class_names == DEMO_CLASS_NAMES
+
+
+def test_training_on_first_use_says_so_where_and_how_far(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A cold cache trains the demo detector: one line on stderr naming it and its cache
+    folder, progress lines even without a progress bar, and a last line when it is cached."""
+    from xaibench.detectors import zoo
+
+    tiny = BaselineConfig(iterations=4, batch_size=2, warmup_iterations=0)
+    monkeypatch.setitem(zoo.DEMOS, "synthetic-fcos", zoo.DemoSpec(zoo.build_small_fcos, tiny))
+    monkeypatch.setattr(zoo, "DEMO_DATA", {"train": (4, 0), "val": (2, 1)})
+    zoo.load_demo("synthetic-fcos", cache_dir=tmp_path, progress=False)
+    err = capsys.readouterr().err
+    folder = tmp_path / "detectors" / "synthetic-fcos"
+    assert "training the demo detector synthetic-fcos on first use (4 steps" in err
+    assert f"it will be cached in {folder}" in err
+    assert "step 2/4" in err and "step 4/4" in err
+    assert f"cached in {folder}" in err.splitlines()[-1]
+    zoo.load_demo("synthetic-fcos", cache_dir=tmp_path, progress=False)  # cached: silent
+    assert capsys.readouterr().err == ""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -13,14 +13,16 @@ from matplotlib.figure import Figure
 from xaibench.detector import Detector
 from xaibench.explain import Explanation, select_detections, write_explanation
 from xaibench.method import ExplanationMethod
+from xaibench.plots import add_colour_bar
 from xaibench.types import Detections, Saliency, Target
 from xaibench.visualize import overlay
 
 
 @dataclass
 class Comparison:
-    """The detections of an image, those explained, and per method (by the name it was given)
-    one map per explained detection, in the order of ``explained``."""
+    """The detections of an image, those explained, and per method label (its key in
+    ``methods``: a name, or ``NAME@VARIANT`` for a method listed more than once) one map per
+    explained detection, in the order of ``explained``."""
 
     detections: Detections
     explained: list[int]
@@ -61,7 +63,8 @@ def draw_comparison(
     path: str | Path,
 ) -> Path:
     """One PNG: a row per explained detection, a column per method; each panel the image with
-    the min-max normalised map, the detection's box and the method's time per map."""
+    the map normalised to its own range with a colour bar of its real values, the detection's
+    box and the method's time per map."""
     rows, names = comparison.explained, list(comparison.saliencies)
     if not rows:
         raise ValueError("nothing to draw: no detection was explained")
@@ -74,6 +77,7 @@ def draw_comparison(
             saliency = comparison.saliencies[name][r]
             ax = axes[r][c]
             ax.imshow(overlay(image, saliency.map, box))
+            add_colour_bar(ax, saliency.map)
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
@@ -97,9 +101,12 @@ def write_comparison(
     image_name: str = "image",
 ) -> tuple[Path, Path]:
     """The figure ``<image_name>_comparison.png`` plus, as ``explain`` writes them, an overlay
-    PNG and a .npy map per method and detection and ``detections.json``, which also records
-    each method's parameters under ``methods``. Returns (figure, json) paths."""
-    flat = [s for maps in comparison.saliencies.values() for s in maps]
+    PNG and a .npy map per method label and detection and ``<image_name>.detections.json``
+    (maps keyed ``LABEL:attribute``), which records each label's method and parameters under
+    ``methods``. Returns (figure, json) paths."""
+    flat = [  # files and map keys by label, so that one method listed twice keeps both
+        replace(s, method=label) for label, maps in comparison.saliencies.items() for s in maps
+    ]
     explanation = Explanation(comparison.detections, comparison.explained, flat)
     json_path = write_explanation(out_dir, image, explanation, class_names, level_names, image_name)
     payload = json.loads(json_path.read_text())

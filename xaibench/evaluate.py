@@ -36,6 +36,7 @@ from scipy import stats
 
 from xaibench.datasets.coco import CocoDataset
 from xaibench.detector import Detector
+from xaibench.labels import label_mapping
 from xaibench.method import ExplanationMethod
 from xaibench.metric import Curve, ExplainedBatch, Metric, MetricResult
 from xaibench.plots import plot_curves
@@ -133,13 +134,6 @@ class EvaluationResult:
 
 
 # -- building blocks ---------------------------------------------------------------------------
-
-
-def label_mapping(dataset_names: Sequence[str], detector_names: Sequence[str]) -> dict[int, int]:
-    """Dataset label -> detector label, matched by class name; identity where a name is not
-    among the detector's classes."""
-    index = {name: i for i, name in enumerate(detector_names)}
-    return {i: index.get(name, i) for i, name in enumerate(dataset_names)}
 
 
 def _relabel(instances: Sequence[Instance], mapping: dict[int, int]) -> list[Instance]:

@@ -63,9 +63,10 @@ def write_explanation(
     level_names: Sequence[str] = (),
     image_name: str = "image",
 ) -> Path:
-    """Write an overlay PNG and a .npy map per explained target, and ``detections.json``
-    (boxes xyxy in original pixels, scores, labels, provenance, map files). Returns the
-    json's path."""
+    """Write an overlay PNG (with a colour bar) and a .npy map per explained target, and
+    ``<image_name>.detections.json`` (boxes xyxy in original pixels, scores, labels,
+    provenance, map files). Every file name starts with ``image_name``, so several images
+    share one folder. Returns the json's path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     det = explanation.detections
@@ -76,7 +77,8 @@ def write_explanation(
         np.save(out / f"{stem}.npy", s.map)
         label = int(det.labels[i])
         caption = f"{class_names[label]} {float(det.scores[i]):.2f} {s.method}:{attr}"
-        save_png(overlay(image, s.map, det.boxes[i].cpu().numpy(), caption), out / f"{stem}.png")
+        picture = overlay(image, s.map, det.boxes[i].cpu().numpy(), caption, with_bar=True)
+        save_png(picture, out / f"{stem}.png")
         maps.setdefault(i, {})[f"{s.method}:{attr}"] = {
             "npy": f"{stem}.npy",
             "png": f"{stem}.png",
@@ -98,7 +100,7 @@ def write_explanation(
                 "maps": maps.get(i, {}),
             }
         )
-    path = out / "detections.json"
+    path = out / f"{image_name}.detections.json"
     params = explanation.saliencies[0].params if explanation.saliencies else {}
     payload = {
         "image": image_name,

@@ -14,6 +14,13 @@ Pixels are returned as stored: the EXIF orientation tag is not applied, so coord
 with annotation files written for the stored pixels (as pycocotools assumes). A missing,
 truncated or undecodable file raises ``ImageLoadError``; a half-decoded image is never
 returned (Pillow's ``ImageFile.LOAD_TRUNCATED_IMAGES`` is left at its default, False).
+
+``check_detectable`` refuses images a detector cannot see, with an ``ImageLoadError`` naming
+the image and its size: a side under ``MIN_SIDE`` (8 px: the finest feature level of an FPN
+detector has stride 8, so the image would be one cell or less), or an aspect ratio above
+``MAX_ASPECT`` (20: resizing the long side to torchvision's max_size of 1333 px leaves the
+short side under 67 px; at 10000 x 10 px it leaves one pixel). The datasets and
+``explain``/``compare`` call it on every image they read.
 """
 
 from __future__ import annotations
@@ -27,8 +34,32 @@ _AS_ARRAY = {"1", "L", "RGB", "RGBA", "I;16", "I;16L", "I;16B", "I;16N", "F"}
 _WITH_ALPHA = {"LA", "La", "PA", "RGBa"}
 
 
+MIN_SIDE = 8
+"""Smallest height or width (px) that ``check_detectable`` accepts."""
+MAX_ASPECT = 20.0
+"""Largest ratio of the long side to the short side that ``check_detectable`` accepts."""
+
+
 class ImageLoadError(ValueError):
-    """An image file is missing, truncated, not an image, or in a form we cannot convert."""
+    """An image file is missing, truncated, not an image, in a form we cannot convert, or of
+    a size no detector can see (``check_detectable``)."""
+
+
+def check_detectable(image: np.ndarray, name: str) -> None:
+    """Raise ``ImageLoadError`` naming ``name`` when the image (H, W, ...) has a side under
+    ``MIN_SIDE`` px or an aspect ratio above ``MAX_ASPECT`` (module docstring)."""
+    height, width = image.shape[:2]
+    if min(height, width) < MIN_SIDE:
+        raise ImageLoadError(
+            f"{name} is {height}x{width} px (H x W); a detector needs at least {MIN_SIDE} px "
+            "on each side"
+        )
+    if max(height, width) / min(height, width) > MAX_ASPECT:
+        raise ImageLoadError(
+            f"{name} is {height}x{width} px (H x W), an aspect ratio of "
+            f"{max(height, width) / min(height, width):.0f}:1; at most {MAX_ASPECT:.0f}:1 is "
+            "accepted (resized to the detector's max_size, its short side would vanish)"
+        )
 
 
 def load_image(path: str | Path) -> np.ndarray:
@@ -46,6 +77,13 @@ def load_image(path: str | Path) -> np.ndarray:
         return to_rgb_uint8(array, name=f"pixels of {path}")
     except ValueError as err:
         raise ImageLoadError(f"cannot convert image file {path} to RGB: {err}") from err
+
+
+def load_detectable(path: str | Path) -> np.ndarray:
+    """``load_image`` followed by ``check_detectable``: uint8 RGB (H, W, 3)."""
+    image = load_image(path)
+    check_detectable(image, f"image file {path}")
+    return image
 
 
 def _pil_to_array(image: Image.Image) -> np.ndarray:

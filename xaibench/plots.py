@@ -1,4 +1,5 @@
-"""Metric curves as PNG: one line per series (mean over rows) with its 95% confidence band."""
+"""Metric curves as PNG (one line per series, mean over rows, with its 95% confidence band),
+and colour bars for heat-map panels of matplotlib figures."""
 
 from __future__ import annotations
 
@@ -8,9 +9,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import seaborn as sns
+from matplotlib import colormaps
+from matplotlib.axes import Axes
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
 from xaibench.metric import Curve
+from xaibench.visualize import value_range
 
 
 def curves_frame(series: Sequence[tuple[str, Curve]]) -> pd.DataFrame:
@@ -63,3 +69,16 @@ def plot_curves(
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     return path
+
+
+def add_colour_bar(ax: Axes, heatmap: np.ndarray, colormap: str = "jet") -> None:
+    """A colour bar beside ``ax`` for an overlay of ``heatmap`` (``xaibench.visualize``
+    normalises each map to its own range): ticks at the map's real minimum and maximum."""
+    lo, hi = value_range(heatmap)
+    norm = Normalize(lo, hi) if hi > lo else Normalize(lo - 0.5, lo + 0.5)
+    bar = ax.figure.colorbar(
+        ScalarMappable(norm, colormaps[colormap]), ax=ax, fraction=0.046, pad=0.02
+    )
+    ticks = [lo, hi] if hi > lo else [lo]
+    bar.set_ticks(ticks, labels=[f"{v:.3g}" for v in ticks])
+    bar.ax.tick_params(labelsize=7)

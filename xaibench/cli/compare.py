@@ -9,33 +9,46 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from xaibench.cli.explain import parse_params
+from xaibench.cli.errors import output_folder, shown_warnings, typed_params, user_errors
+from xaibench.cli.explain import build_method, parse_params
 from xaibench.compare import compare_methods, write_comparison
-from xaibench.images import load_image
-from xaibench.registry import DETECTORS, METHODS
+from xaibench.images import load_detectable
+from xaibench.registry import DETECTORS, plugin_name
 from xaibench.types import ATTRIBUTES
 
 
 def method_params(items: list[str], methods: list[str]) -> dict[str, dict[str, Any]]:
-    """``METHOD.key=value`` pairs -> {method: {key: value}} (values read as JSON)."""
+    """``LABEL.key=value`` pairs -> {label: {key: value}} (values read as JSON). A label is a
+    method name or ``NAME@VARIANT``; ``NAME.key=value`` sets every label of method NAME, and
+    a label's own setting wins over it."""
     out: dict[str, dict[str, Any]] = {m: {} for m in methods}
+    shared: dict[str, dict[str, Any]] = {m: {} for m in methods}
     for key, value in parse_params(items).items():
-        method, sep, name = key.partition(".")
-        if not sep or not name:
+        label, sep, name = key.partition(".")
+        if not sep or not label or not name:
             raise typer.BadParameter(f"expected METHOD.key=value (e.g. drise.n=1000), got {key!r}")
-        if method not in out:
+        if label in out:
+            out[label][name] = value
+            continue
+        owners = [m for m in methods if plugin_name(m) == label]
+        if not owners:
             raise typer.BadParameter(
-                f"--method-param {key!r} names method {method!r}, which is not in --methods "
+                f"--method-param {key!r} names method {label!r}, which is not in --methods "
                 f"({', '.join(methods)})"
             )
-        out[method][name] = value
-    return out
+        for m in owners:
+            shared[m][name] = value
+    return {m: {**shared[m], **out[m]} for m in methods}
 
 
 def compare(
     image: Path = typer.Argument(..., help="image file (any format Pillow reads)"),
     methods: str = typer.Option(
-        ..., "--methods", "-m", help="comma-separated method names, e.g. odam,gradcam,drise"
+        ...,
+        "--methods",
+        "-m",
+        help="comma-separated methods, e.g. odam,gradcam,drise; NAME@VARIANT lists a method "
+        "again under its own label (odam@p3,odam@p5 with -p odam@p3.layer=p3)",
     ),
     detector: str = typer.Option(..., "--detector", "-d", help="registered detector name"),
     attribute: str = typer.Option("score", "--attribute", "-a", help="score, x1..y2, combined"),
@@ -48,15 +61,19 @@ def compare(
         [], "--detector-param", help="extra detector argument key=value (repeatable)"
     ),
     method_param: list[str] = typer.Option(
-        [], "--method-param", "-p", help="METHOD.key=value, e.g. drise.n=1000 (repeatable)"
+        [], "--method-param", "-p", help="LABEL.key=value, e.g. drise.n=1000 (repeatable)"
     ),
     out: Path = typer.Option(Path("outputs/compare"), "--out", "-o", help="output folder"),
+    debug: bool = typer.Option(False, "--debug", help="tracebacks (also XAIBENCH_DEBUG=1)"),
 ) -> None:
     """Explain the detections of IMAGE with several methods: one figure (a row per explained
-    detection, a column per method), the maps and detections.json as ``explain`` writes them."""
+    detection, a column per method label), the maps and <image>.detections.json as
+    ``explain`` writes them."""
     names = [m.strip() for m in methods.split(",") if m.strip()]
     if not names or len(set(names)) != len(names):
-        raise typer.BadParameter(f"--methods must list distinct method names, got {methods!r}")
+        raise typer.BadParameter(
+            f"--methods must list distinct labels (NAME or NAME@VARIANT), got {methods!r}"
+        )
     if attribute not in (*ATTRIBUTES, "combined"):
         raise typer.BadParameter(
             f"unknown attribute {attribute!r}; expected one of "
@@ -65,14 +82,23 @@ def compare(
     if top_k is None and score_thresh is None:
         top_k = 3
     params = method_params(method_param, names)
-    explainers = {name: METHODS.build(name, **params[name]) for name in names}
+    with user_errors("--methods", debug):
+        for name in names:
+            plugin_name(name)
+    explainers = {name: build_method(name, params[name], debug, f"{name}.") for name in names}
+    with user_errors("--out", debug):
+        output_folder(out)
+    with user_errors("IMAGE", debug):
+        picture = load_detectable(image)
     det_kwargs = parse_params(detector_param)
     if weights is not None:
         det_kwargs["weights"] = weights
-    wrapped = DETECTORS.build(detector, **det_kwargs)
-    picture = load_image(image)
+    with user_errors("--detector", debug), shown_warnings():
+        typed_params(DETECTORS.get(detector), det_kwargs, "--detector-param")
+        wrapped = DETECTORS.build(detector, **det_kwargs)
     console = Console()
-    with console.status(f"explaining {image.name} on {detector}") as status:
+    status = console.status(f"explaining {image.name} on {detector}")
+    with user_errors("--method-param", debug), status:
         result = compare_methods(
             wrapped,
             explainers,
@@ -85,11 +111,12 @@ def compare(
     if not result.explained:
         console.print(f"{len(result.detections)} detections, none selected: nothing to compare")
         raise typer.Exit(1)
-    figure, json_path = write_comparison(
-        out, picture, result, wrapped.class_names, wrapped.feature_levels, image_name=image.stem
-    )
+    with user_errors("--out", debug):
+        figure, json_path = write_comparison(
+            out, picture, result, wrapped.class_names, wrapped.feature_levels, image.stem
+        )
     table = Table("method", "maps", "seconds per map")
     for name, maps in result.saliencies.items():
         table.add_row(name, str(len(maps)), f"{maps[0].seconds:.4g}")
     console.print(table)
-    console.print(f"figure -> {figure}\nmaps and detections.json -> {json_path}")
+    console.print(f"figure -> {figure}\nmaps and detections -> {json_path}")

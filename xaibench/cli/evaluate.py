@@ -20,6 +20,7 @@ from xaibench.evaluate import (
     EvaluationSettings,
     run_evaluation,
 )
+from xaibench.labels import rename_categories
 from xaibench.registry import METHODS, METRICS
 
 
@@ -97,6 +98,9 @@ def evaluate(
     max_instances: int | None = typer.Option(None, min=1, help="explain at most N per image"),
     resume: bool = typer.Option(True, help="skip images already in OUT/instances.csv"),
     out: Path = typer.Option(Path("outputs/evaluate"), "--out", "-o", help="output folder"),
+    label_map: Path | None = typer.Option(
+        None, help="JSON/YAML object renaming dataset categories to detector classes (null: ignore)"
+    ),
 ) -> None:
     """Explain the selected instances of every image with every method and score them with
     every metric. Writes OUT/instances.csv (per instance, appended image by image),
@@ -121,6 +125,7 @@ def evaluate(
         raise typer.BadParameter(str(err)) from err
     dataset = CocoDataset(annotations, images)
     try:
+        dataset.class_names = rename_categories(dataset.class_names, label_map)
         result = run_evaluation(dataset, settings, out)
     except (ValueError, TypeError, KeyError) as err:  # other stored settings, unknown names
         console.print(f"[red]error:[/red] {err}")

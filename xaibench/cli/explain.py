@@ -9,9 +9,11 @@ from typing import Any
 import typer
 from rich.console import Console
 
+from xaibench.cli.errors import output_folder, shown_warnings, typed_params, user_errors
 from xaibench.explain import explain_image, write_explanation
-from xaibench.images import load_image
-from xaibench.registry import DETECTORS, METHODS
+from xaibench.images import load_detectable
+from xaibench.method import ExplanationMethod
+from xaibench.registry import DETECTORS, METHODS, plugin_name
 from xaibench.types import ATTRIBUTES
 
 
@@ -30,7 +32,9 @@ def parse_params(items: list[str]) -> dict[str, Any]:
 
 
 def explain(
-    image: Path = typer.Argument(..., help="image file (any format Pillow reads)"),
+    images: list[Path] = typer.Argument(
+        ..., help="image files (any format Pillow reads); outputs are named after each file"
+    ),
     detector: str = typer.Option(..., "--detector", "-d", help="registered detector name"),
     method: str = typer.Option("odam", "--method", "-m", help="registered method name"),
     attribute: list[str] = typer.Option(
@@ -48,9 +52,11 @@ def explain(
         [], "--method-param", "-p", help="method argument key=value, e.g. layer=roi"
     ),
     out: Path = typer.Option(Path("outputs/explain"), "--out", "-o", help="output folder"),
+    debug: bool = typer.Option(False, "--debug", help="tracebacks (also XAIBENCH_DEBUG=1)"),
 ) -> None:
-    """Explain the detections of IMAGE: an overlay PNG and a .npy map per explained
-    detection, and detections.json (boxes, scores, labels, provenance, map files)."""
+    """Explain the detections of each IMAGE: an overlay PNG (with a colour bar) and a .npy map
+    per explained detection, and <image>.detections.json (boxes, scores, labels, provenance,
+    map files), all named after the image so that several images share one folder."""
     for a in attribute:
         if a not in (*ATTRIBUTES, "combined"):
             raise typer.BadParameter(
@@ -58,24 +64,57 @@ def explain(
             )
     if top_k is None and score_thresh is None:
         top_k = 5
+    check_stems(images)
     console = Console()
-    picture = load_image(image)
+    with user_errors("--out", debug):
+        output_folder(out)
+    with user_errors("IMAGE", debug):
+        pictures = [load_detectable(path) for path in images]
     det_kwargs = parse_params(detector_param)
     if weights is not None:
         det_kwargs["weights"] = weights
-    wrapped = DETECTORS.build(detector, **det_kwargs)
-    explainer = METHODS.build(method, **parse_params(method_param))
-    with console.status(f"explaining {image.name} with {method} on {detector}"):
-        result = explain_image(wrapped, explainer, picture, attribute, top_k, score_thresh)
-    path = write_explanation(
-        out,
-        picture,
-        result,
-        wrapped.class_names,
-        wrapped.feature_levels,
-        image_name=image.stem,
-    )
-    console.print(
-        f"{len(result.detections)} detections, {len(result.explained)} explained "
-        f"({len(result.saliencies)} maps) -> {path}"
-    )
+    with user_errors("--detector", debug), shown_warnings():
+        typed_params(DETECTORS.get(detector), det_kwargs, "--detector-param")
+        wrapped = DETECTORS.build(detector, **det_kwargs)
+    explainer = build_method(method, parse_params(method_param), debug)
+    for path, picture in zip(images, pictures, strict=True):
+        status = console.status(f"explaining {path.name} with {method} on {detector}")
+        with user_errors("--method-param", debug), status:
+            result = explain_image(wrapped, explainer, picture, attribute, top_k, score_thresh)
+        with user_errors("--out", debug):
+            written = write_explanation(
+                out,
+                picture,
+                result,
+                wrapped.class_names,
+                wrapped.feature_levels,
+                image_name=path.stem,
+            )
+        console.print(
+            f"{path.name}: {len(result.detections)} detections, {len(result.explained)} "
+            f"explained ({len(result.saliencies)} maps) -> {written}"
+        )
+
+
+def build_method(
+    label: str, params: dict[str, Any], debug: bool = False, prefix: str = ""
+) -> ExplanationMethod:
+    """The method of ``label`` (a name or NAME@VARIANT) built with ``params`` (checked by
+    ``typed_params``); a mistake ends the command in one line naming --method or -p."""
+    with user_errors("--method", debug):
+        factory = METHODS.get(plugin_name(label))
+    params = typed_params(factory, params, "--method-param", prefix)
+    with user_errors("--method-param", debug):
+        return factory(**params)
+
+
+def check_stems(images: list[Path]) -> None:
+    """Refuse images whose outputs would overwrite each other (one file name stem twice)."""
+    seen: dict[str, Path] = {}
+    for path in images:
+        if path.stem in seen and seen[path.stem] != path:
+            raise typer.BadParameter(
+                f"IMAGE {seen[path.stem]} and {path} would write the same files (name "
+                f"{path.stem!r}) into --out; explain them into separate --out folders"
+            )
+        seen[path.stem] = path

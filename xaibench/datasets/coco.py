@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 from pycocotools.coco import COCO
 
-from xaibench.images import load_image
+from xaibench.images import check_detectable, load_image
 from xaibench.registry import DATASETS
 from xaibench.types import Instance, Sample
 
@@ -42,7 +43,19 @@ class CocoDataset:
 
     ``dataset[i]`` is a ``Sample`` (uint8 RGB image, instances with xyxy boxes in original
     pixels, contiguous labels, bool masks, ``ignore`` = iscrowd, ``id`` = annotation id).
-    Annotations with a non-positive box width or height are skipped with a warning.
+
+    Checks, each naming the file, the id and the field:
+
+    - errors: a missing field, a ``bbox`` that is not four finite numbers, an ``image_id`` or
+      ``category_id`` naming nothing, an annotation or image id used twice (pycocotools would
+      silently keep one of them), an RLE ``segmentation`` whose ``size`` is not the image's
+      [height, width] or whose uncompressed ``counts`` do not sum to height x width, and
+      (per image, when read) an image file whose size differs from the json or that
+      ``check_detectable`` refuses (a side under 8 px, an aspect ratio above 20);
+    - warning and skip: a box with zero or negative width or height, a box entirely outside
+      its image;
+    - warning and clip: a box reaching more than 1 px outside its image is clipped to the
+      image (within 1 px it is clipped silently: rounding).
     """
 
     def __init__(self, annotation_file: str | Path, image_dir: str | Path) -> None:
@@ -62,6 +75,7 @@ class CocoDataset:
         ]
         self.image_ids: list[int] = [int(image["id"]) for image in data["images"]]
         self._skip_degenerate(data["annotations"])
+        self._skip_outside(data["annotations"])
 
     @property
     def num_classes(self) -> int:
@@ -98,6 +112,7 @@ class CocoDataset:
                 f"{self.annotation_file}) does not exist"
             )
         image = load_image(path)
+        check_detectable(image, f"image file {path} (image id {image_id})")
         expected = (int(info["height"]), int(info["width"]))
         if image.shape[:2] != expected:
             raise ValueError(
@@ -111,8 +126,10 @@ class CocoDataset:
     def _instance(self, ann: dict[str, Any]) -> Instance:
         x, y, w, h = (float(v) for v in ann["bbox"])
         visible = ann.get("vbox")
+        info = self.coco.imgs[ann["image_id"]]
+        box = np.clip([x, y, x + w, y + h], 0, [info["width"], info["height"]] * 2)
         return Instance(
-            box=np.array([x, y, x + w, y + h], dtype=np.float32),
+            box=box.astype(np.float32),
             label=self._label_of[ann["category_id"]],
             mask=self._mask(ann),
             ignore=bool(ann.get("iscrowd", 0)),
@@ -155,16 +172,30 @@ class CocoDataset:
                 missing = [n for n in names if not isinstance(record, dict) or n not in record]
                 if missing:
                     raise AnnotationError(f"{where}: {key}[{i}] lacks field(s) {missing}")
-        image_ids = {image["id"] for image in data["images"]}
+        for image in data["images"]:
+            for name in ("width", "height"):
+                value = image[name]
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise AnnotationError(
+                        f"{where}: image id {image['id']} field {name!r} must be a positive "
+                        f"integer, got {value!r}"
+                    )
+        _refuse_repeated_ids(where, "images", data["images"])
+        _refuse_repeated_ids(where, "annotations", data["annotations"])
+        images = {image["id"]: image for image in data["images"]}
         category_ids = {cat["id"] for cat in data["categories"]}
         for ann in data["annotations"]:
             bbox = ann["bbox"]
-            if not (isinstance(bbox, list) and len(bbox) == 4):
+            if not (
+                isinstance(bbox, list)
+                and len(bbox) == 4
+                and all(isinstance(v, int | float) and math.isfinite(v) for v in bbox)
+            ):
                 raise AnnotationError(
-                    f"{where}: annotation id {ann['id']} field 'bbox' must be [x, y, w, h], "
-                    f"got {bbox!r}"
+                    f"{where}: annotation id {ann['id']} field 'bbox' must be [x, y, w, h] "
+                    f"of finite numbers, got {bbox!r}"
                 )
-            if ann["image_id"] not in image_ids:
+            if ann["image_id"] not in images:
                 raise AnnotationError(
                     f"{where}: annotation id {ann['id']} field 'image_id' = {ann['image_id']} "
                     "names no entry of 'images'"
@@ -174,14 +205,87 @@ class CocoDataset:
                     f"{where}: annotation id {ann['id']} field 'category_id' = "
                     f"{ann['category_id']} names no entry of 'categories'"
                 )
+            _check_rle(where, ann, images[ann["image_id"]])
+
+    def _skip_outside(self, annotations: list[dict[str, Any]]) -> None:
+        """Skip boxes entirely outside their image, warn of those reaching beyond it by more
+        than 1 px (``_instance`` clips every box to its image)."""
+        outside, beyond = [], []
+        for ann in annotations:
+            if ann["id"] in self._degenerate:
+                continue
+            x, y, w, h = ann["bbox"]
+            info = self.coco.imgs[ann["image_id"]]
+            width, height = info["width"], info["height"]
+            if x >= width or y >= height or x + w <= 0 or y + h <= 0:
+                outside.append(ann["id"])
+            elif min(x, y) < -1 or x + w > width + 1 or y + h > height + 1:
+                beyond.append(ann["id"])
+        self._degenerate |= set(outside)
+        for ids, what in ((outside, "skipping"), (beyond, "clipping to the image")):
+            if ids:
+                warnings.warn(
+                    f"{self.annotation_file}: {what} {len(ids)} annotation(s) whose 'bbox' "
+                    f"lies {'entirely' if ids is outside else 'partly'} outside its image "
+                    f"(width/height of its 'images' entry), annotation id(s) {_shown(ids)}",
+                    stacklevel=3,
+                )
 
     def _skip_degenerate(self, annotations: list[dict[str, Any]]) -> None:
         self._degenerate = {a["id"] for a in annotations if a["bbox"][2] <= 0 or a["bbox"][3] <= 0}
         if self._degenerate:
             ids = sorted(self._degenerate)
-            shown = ", ".join(str(i) for i in ids[:20]) + (" ..." if len(ids) > 20 else "")
             warnings.warn(
                 f"{self.annotation_file}: skipping {len(ids)} annotation(s) with zero or "
-                f"negative box width/height, annotation id(s) {shown}",
+                f"negative box width/height, annotation id(s) {_shown(ids)}",
                 stacklevel=3,
             )
+
+
+def _shown(ids: list[Any]) -> str:
+    """The first 20 ids, comma-separated."""
+    return ", ".join(str(i) for i in ids[:20]) + (" ..." if len(ids) > 20 else "")
+
+
+def _refuse_repeated_ids(where: Path, key: str, records: list[dict[str, Any]]) -> None:
+    """An id used twice in ``data[key]`` is an error naming it (and, for annotations, the
+    images of its entries)."""
+    seen: dict[Any, dict[str, Any]] = {}
+    for record in records:
+        first = seen.setdefault(record["id"], record)
+        if first is not record:
+            images = (
+                f" (image ids {first['image_id']} and {record['image_id']})"
+                if key == "annotations"
+                else ""
+            )
+            raise AnnotationError(
+                f"{where}: {key} id {record['id']} appears more than once{images}; ids must "
+                "be unique"
+            )
+
+
+def _check_rle(where: Path, ann: dict[str, Any], image: dict[str, Any]) -> None:
+    """An RLE ``segmentation`` must have the image's [height, width] as ``size`` and, when
+    uncompressed, ``counts`` summing to height x width."""
+    rle = ann.get("segmentation")
+    if not isinstance(rle, dict):
+        return
+    size, counts = rle.get("size"), rle.get("counts")
+    expected = [image["height"], image["width"]]
+    if size != expected:
+        raise AnnotationError(
+            f"{where}: annotation id {ann['id']} field 'segmentation.size' = {size!r}, "
+            f"expected its image's [height, width] = {expected} (image id {ann['image_id']})"
+        )
+    if isinstance(counts, list) and not all(isinstance(c, int) and c >= 0 for c in counts):
+        raise AnnotationError(
+            f"{where}: annotation id {ann['id']} field 'segmentation.counts' must be "
+            "non-negative integers (or a compressed RLE string)"
+        )
+    if isinstance(counts, list) and sum(counts) != expected[0] * expected[1]:
+        raise AnnotationError(
+            f"{where}: annotation id {ann['id']} field 'segmentation.counts' sums to "
+            f"{sum(counts)}, expected height x width = {expected[0] * expected[1]} "
+            f"(image id {ann['image_id']})"
+        )

@@ -4,18 +4,26 @@ Each line is ``{"ID": ..., "gtboxes": [{"tag", "fbox", "vbox", "hbox", "extra"},
 boxes xywh in pixels. Following the CrowdDet evaluation, instances use the full-body box
 (``fbox``, may extend beyond the image), converted to xyxy; a box is ignored when its tag is
 not ``"person"`` or ``extra.ignore != 0``.
+
+Checks, each naming the file, the line, the ID and the field: errors for a line that is not
+json, an ``ID`` used twice, an ``fbox``/``vbox``/``hbox`` that is not four finite numbers, and
+(when read) an image that ``check_detectable`` refuses; warning and skip for an fbox with
+zero or negative width or height and for one entirely outside its image. An fbox partly
+outside the image is kept as it is: full-body boxes of cut-off people extend beyond the image
+by design.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from xaibench.images import load_image
+from xaibench.images import check_detectable, load_image
 from xaibench.registry import DATASETS
 from xaibench.types import Instance, Sample
 
@@ -28,6 +36,7 @@ def read_odgt(path: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"odgt file {path} does not exist")
     records = []
+    lines: dict[str, int] = {}
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
@@ -39,8 +48,18 @@ def read_odgt(path: str | Path) -> list[dict[str, Any]]:
             raise ValueError(f"{path} line {number}: expected an object with field 'ID'")
         if not isinstance(record.get("gtboxes", []), list):
             raise ValueError(f"{path} line {number} (ID {record['ID']}): 'gtboxes' must be a list")
+        first = lines.setdefault(str(record["ID"]), number)
+        if first != number:
+            raise ValueError(
+                f"{path} line {number}: ID {record['ID']!r} already appears on line {first}; "
+                "IDs must be unique"
+            )
         for k, box in enumerate(record.get("gtboxes", [])):
-            _check_box(box, "fbox", f"{path} line {number} (ID {record['ID']}) gtboxes[{k}]")
+            where = f"{path} line {number} (ID {record['ID']}) gtboxes[{k}]"
+            _check_box(box, "fbox", where)
+            for optional in ("vbox", "hbox"):
+                if isinstance(box, dict) and optional in box:
+                    _check_box(box, optional, where)
         records.append(record)
     return records
 
@@ -48,8 +67,10 @@ def read_odgt(path: str | Path) -> list[dict[str, Any]]:
 def _check_box(record: Any, field: str, where: str) -> None:
     value = record.get(field) if isinstance(record, dict) else None
     ok = isinstance(value, list) and len(value) == 4
-    if not ok or not all(isinstance(v, (int, float)) for v in value):
-        raise ValueError(f"{where}: field {field!r} must be [x, y, w, h], got {value!r}")
+    if not ok or not all(isinstance(v, int | float) and math.isfinite(v) for v in value):
+        raise ValueError(
+            f"{where}: field {field!r} must be [x, y, w, h] of finite numbers, got {value!r}"
+        )
 
 
 def _xyxy(box: list[float]) -> np.ndarray:
@@ -95,9 +116,16 @@ class CrowdHumanDataset:
             raise IndexError(f"index {index} out of range for {len(self)} images")
         record = self.records[index]
         path = self.image_path(str(record["ID"]))
-        instances = []
+        image = load_image(path)
+        check_detectable(image, f"image file {path} (ID {record['ID']})")
+        height, width = image.shape[:2]
+        instances, outside = [], []
         for k, box in enumerate(record.get("gtboxes", [])):
-            if box["fbox"][2] <= 0 or box["fbox"][3] <= 0:
+            x, y, w, h = box["fbox"]
+            if w <= 0 or h <= 0:
+                continue
+            if x >= width or y >= height or x + w <= 0 or y + h <= 0:
+                outside.append(k)
                 continue
             extra = box.get("extra") or {}
             visible = box.get("vbox")
@@ -110,8 +138,14 @@ class CrowdHumanDataset:
                     visible_box=None if visible is None else _xyxy(visible),
                 )
             )
+        if outside:
+            warnings.warn(
+                f"{self.odgt_file} ID {record['ID']}: skipping gtboxes {outside}, whose 'fbox' "
+                f"lies entirely outside the {width}x{height} (W x H) image",
+                stacklevel=2,
+            )
         return Sample(
-            image=load_image(path),
+            image=image,
             image_id=str(record["ID"]),
             instances=instances,
             file_name=path.name,
