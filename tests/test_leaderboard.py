@@ -245,14 +245,18 @@ def test_holm_leaves_nan_out_of_the_family() -> None:
     assert got[[0, 2, 3]] == pytest.approx(holm_by_hand([0.01, 0.04, 0.03]))
 
 
-def test_console_tables_fit_80_columns_with_best_in_bold(board) -> None:
-    console = Console(file=io.StringIO(), width=80, record=True, color_system=None)
-    print_leaderboard(board, console)
-    text = console.export_text()
-    assert max(len(line) for line in text.splitlines()) <= 80
-    assert "…" not in text
-    for token in ("deletion ↓", "pg_box ↑", "seconds ↓", "drift_shift", "odam", "72.7"):
-        assert token in text
+def test_console_tables_fit_the_width_splitting_columns(board) -> None:
+    tables = {}
+    for width in (80, 44):
+        console = Console(file=io.StringIO(), width=width, record=True, color_system=None)
+        print_leaderboard(board, console)
+        text = console.export_text()
+        assert max(len(line) for line in text.splitlines()) <= width
+        assert "…" not in text
+        for token in ("deletion ↓", "pg_box ↑", "seconds ↓", "drift_shift ↑", "drise", "72.7"):
+            assert token in text
+        tables[width] = text.count("synth / det (attribute: score)")
+    assert tables[44] > tables[80]
 
 
 def test_references_and_bad_input_fail_with_the_field(tmp_path: Path, store: Path) -> None:

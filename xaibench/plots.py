@@ -3,7 +3,7 @@ band), metric bars with given confidence intervals, and seconds per explanation.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -54,11 +54,13 @@ def plot_curve_frame(
     y_label: str = "",
     ticks: dict[float, str] | None = None,
     zero_line: bool = False,
-    seed: int = 0,
+    errorbar: tuple[str, int] | Callable[[np.ndarray], tuple[float, float]] = ("ci", 95),
 ) -> Path:
     """Plot a long table (series, x, y; one row per point of one curve) as one line per
-    series, the mean over curves with a seeded 95% bootstrap band, to a PNG at ``path``
-    (folders created). ``ticks`` names categorical x positions (steps of a sanity check)."""
+    series, the mean over curves with a band (seaborn's ``errorbar``: by default its seeded
+    95% bootstrap; or a function of the values at one x giving (low, high)), to a PNG at
+    ``path`` (folders created). ``ticks`` names categorical x positions (steps of a sanity
+    check)."""
     ticks = ticks or {}
     fig = Figure(figsize=(max(6.0, 0.45 * len(ticks) + 2), 4.5))
     ax = fig.subplots()
@@ -69,9 +71,9 @@ def plot_curve_frame(
             y="y",
             hue="series",
             marker="o",
-            errorbar=("ci", 95),
+            errorbar=errorbar,
             n_boot=300,
-            seed=seed,
+            seed=0,
             ax=ax,
         )
         ax.legend(fontsize=8)

@@ -25,11 +25,14 @@ STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
 h1 { font-size: 1.6em; } h2 { margin-top: 2em; border-bottom: 1px solid #ccc; }
 table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.9em; }
-th, td { padding: 0.3em 0.7em; border-bottom: 1px solid #e3e3e3; text-align: right; }
+th, td { padding: 0.3em 0.7em; border-bottom: 1px solid #e3e3e3; text-align: right;
+         white-space: nowrap; vertical-align: top; }
+.scroll { overflow-x: auto; max-width: 100%; }
 th:first-child, td:first-child { text-align: left; }
 thead th { border-bottom: 2px solid #444; background: #f6f6f6; }
 small { color: #666; } .note { color: #555; font-size: 0.9em; }
 img { max-width: 100%; border: 1px solid #eee; margin: 0.5em 0; }
+.curves { display: flex; flex-wrap: wrap; gap: 0.5em; } .curves img { width: 49%; }
 details { margin: 0.5em 0; } summary { cursor: pointer; color: #225; }
 pre { background: #f6f6f6; padding: 1em; overflow-x: auto; }
 """
@@ -37,7 +40,8 @@ pre { background: #f6f6f6; padding: 1em; overflow-x: auto; }
 
 def _table(frame: pd.DataFrame) -> str:
     """Cells already escaped (they hold <b> and <small>)."""
-    return frame.to_html(index=False, escape=False, border=0, na_rep="-")
+    table = frame.to_html(index=False, escape=False, border=0, na_rep="-")
+    return f'<div class="scroll">{table}</div>'
 
 
 def _image(path: Path, alt: str) -> str:
@@ -96,8 +100,16 @@ def write_index(board: Leaderboard, plots: dict[str, Path], path: Path) -> Path:
             ]
         nan = section_nan(board, section)
         if len(nan):
-            body += ["<h3>NaN values and their reasons</h3>", _table(_escaped(nan))]
-        body += [_image(plots[name], name) for name in plots_of(section, plots)]
+            body += [
+                f"<details><summary>NaN values and their reasons ({len(nan)} rows)</summary>",
+                _table(_escaped(nan)),
+                "</details>",
+            ]
+        names = plots_of(section, plots)
+        bars = [n for n in names if n.endswith("_bars")]
+        body += [_image(plots[n], n) for n in bars]
+        curves = [_image(plots[n], n) for n in names if n not in bars]
+        body += ['<div class="curves">', *curves, "</div>"] if curves else []
     if "seconds" in plots:
         body += ["<h2>Seconds per explanation</h2>", _image(plots["seconds"], "seconds")]
     suite = yaml.safe_dump(board.suite, sort_keys=False, allow_unicode=True)

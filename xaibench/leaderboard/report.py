@@ -20,6 +20,7 @@ import yaml
 
 from xaibench.leaderboard.board import SECTION, Leaderboard
 from xaibench.leaderboard.html import write_index
+from xaibench.leaderboard.stats import bootstrap_ci
 from xaibench.leaderboard.tables import (
     LATEX,
     LEGEND,
@@ -126,12 +127,12 @@ def write_plots(board: Leaderboard, folder: Path) -> dict[str, Path]:
                 {"series": points["method"], "x": points["x"].astype(float), "y": points["y"]}
             ),
             folder / f"{name}.png",
-            title=f"{curve}: {dataset} / {detector} (mean, 95% bootstrap band)",
+            title=f"{curve}: {dataset} / {detector} (mean, 95% CI)",
             x_label=str(first["x_label"].iloc[0] or ""),
             y_label=str(first["y_label"].iloc[0] or ""),
             ticks=ticks,
             zero_line=bool(ticks),
-            seed=board.seed,
+            errorbar=lambda v: bootstrap_ci(v, board.seed, board.resamples),
         )
     if len(board.seconds):
         seconds = pd.DataFrame(

@@ -28,7 +28,8 @@ Section = tuple[str, str, str]
 
 @dataclass(frozen=True)
 class Markup:
-    """How one output format escapes text and marks bold, small and ↑/↓."""
+    """How one output format escapes text and marks bold, small and ↑/↓; ``interval``:
+    whether cells show the CI after the mean."""
 
     escape: Callable[[str], str]
     bold: Callable[[str], str]
@@ -36,6 +37,7 @@ class Markup:
     dagger: str
     up: str
     down: str
+    interval: bool = True
 
 
 _TEX = {c: "\\" + c for c in "&%$#_{}"} | {
@@ -55,14 +57,17 @@ LATEX = Markup(
     r"$\uparrow$",
     r"$\downarrow$",
 )
-HTML = Markup(html.escape, lambda s: f"<b>{s}</b>", lambda s: f"<small>{s}</small>", " †", *"↑↓")
-CONSOLE = Markup(rich_escape, lambda s: f"[bold]{s}[/bold]", lambda s: s, "†", *"↑↓")
-
-LEGEND = (
-    "mean [95% percentile-bootstrap CI]; ↑ higher is better, ↓ lower is better; best mean in "
-    "bold; † significantly better than every other method (paired Wilcoxon signed-rank on "
-    "shared instances, Holm-corrected per column, p < 0.05)"
+HTML = Markup(
+    html.escape, lambda s: f"<b>{s}</b>", lambda s: f"<br><small>{s}</small>", " †", *"↑↓"
 )
+CONSOLE = Markup(rich_escape, lambda s: f"[bold]{s}[/bold]", lambda s: s, "†", *"↑↓", False)
+
+MARKS = (
+    "↑ higher is better, ↓ lower is better; best mean in bold; † significantly better than "
+    "every other method (paired Wilcoxon signed-rank on shared instances, Holm-corrected per "
+    "column, p < 0.05)"
+)
+LEGEND = f"mean [95% percentile-bootstrap CI]; {MARKS}"
 
 
 def decimals(value: float) -> int:
@@ -79,7 +84,7 @@ def cell(row: pd.Series, markup: Markup) -> str:
     d = decimals(row["mean"])
     mean = f"{row['mean']:.{d}f}"
     text = markup.bold(mean) if row["best"] else mean
-    if math.isfinite(row["ci_low"]):
+    if markup.interval and math.isfinite(row["ci_low"]):
         text += " " + markup.small(f"[{row['ci_low']:.{d}f}, {row['ci_high']:.{d}f}]")
     return text + (markup.dagger if row["beats_all"] else "")
 
@@ -174,42 +179,44 @@ def latex_table(frame: pd.DataFrame, caption: str, notes: list[str]) -> str:
 
 def print_leaderboard(board: Leaderboard, console: Console | None = None) -> None:
     """One compact table per section on ``console`` (default: a new rich Console): method
-    rows, the metric columns split over several tables where they do not fit its width."""
+    rows, the means of the metric columns (best in bold, † beats every other method), split
+    over several tables where they do not fit the console's width."""
     console = console or Console()
     console.print(f"[bold]{rich_escape(board.name)}[/bold] (run {rich_escape(board.run_id)})")
-    console.print(rich_escape(LEGEND), style="dim")
+    console.print(rich_escape(f"mean (CIs and tests in the files); {MARKS}"), style="dim")
     for section in board.sections():
         frame, notes = wide_cells(board, section, CONSOLE)
-        for chunk in _fit(frame, console.width):
-            table = Table(title=rich_escape(section_title(section)), box=box.SIMPLE_HEAD)
-            for name in chunk.columns:
-                table.add_column(Text.from_markup(name), no_wrap=True)
-            for row in chunk.itertuples(index=False):
-                table.add_row(*(Text.from_markup(str(v)) for v in row))
-            console.print(table)
+        title = rich_escape(section_title(section))
+        for chunk in _fit(frame, title, console):
+            console.print(chunk)
         for note in notes:
             console.print(note, style="dim")
 
 
-def _fit(frame: pd.DataFrame, width: int) -> list[pd.DataFrame]:
-    """Split the columns after ``method`` into chunks whose table fits ``width`` characters
-    (each column takes its widest cell plus two of padding)."""
+def _table(frame: pd.DataFrame, title: str) -> Table:
+    """A rich table of the rows of ``frame`` that have a value after its first column."""
+    frame = frame[(frame.iloc[:, 1:] != "-").any(axis=1)]
+    table = Table(title=title, box=box.SIMPLE_HEAD, min_width=len(title))
+    for name in frame.columns:
+        table.add_column(Text.from_markup(name), no_wrap=True)
+    for row in frame.itertuples(index=False):
+        table.add_row(*(Text.from_markup(str(v)) for v in row))
+    return table
 
-    def size(name: str) -> int:
-        cells = [Text.from_markup(name), *(Text.from_markup(str(v)) for v in frame[name])]
-        return max(c.cell_len for c in cells) + 2
 
+def _fit(frame: pd.DataFrame, title: str, console: Console) -> list[Table]:
+    """Tables of the first column and as many of the next as fit the console's width."""
     first, rest = frame.columns[0], list(frame.columns[1:])
-    budget = width - size(first) - 2
-    chunks: list[list[str]] = [[]]
-    used = 0
+    unbounded = console.options.update_width(10_000)
+    tables: list[Table] = []
+    chunk: list[str] = []
     for name in rest:
-        if chunks[-1] and used + size(name) > budget:
-            chunks.append([])
-            used = 0
-        chunks[-1].append(name)
-        used += size(name)
-    return [frame[[first, *chunk]] for chunk in chunks]
+        wider = _table(frame[[first, *chunk, name]], title)
+        if chunk and console.measure(wider, options=unbounded).maximum > console.width:
+            tables.append(_table(frame[[first, *chunk]], title))
+            chunk = []
+        chunk.append(name)
+    return [*tables, _table(frame[[first, *chunk]], title)]
 
 
 def slug(*parts: str) -> str:
