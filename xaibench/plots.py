@@ -1,9 +1,10 @@
-"""Metric curves as PNG (one line per series, mean over rows, with its 95% confidence band),
-and colour bars for heat-map panels of matplotlib figures."""
+"""Plots as PNG: metric curves (one line per series, mean over rows, with its 95% confidence
+band), metric bars with given confidence intervals, seconds per explanation, and colour bars
+for heat-map panels of matplotlib figures."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -39,10 +40,35 @@ def plot_curves(
 ) -> Path:
     """Plot (label, curve) pairs, mean and 95% CI over each curve's rows, to a PNG at ``path``
     (folders created). Axis labels and categorical ticks come from the first curve."""
-    frame = curves_frame(series)
     first = series[0][1] if series else Curve(np.zeros(0), np.zeros((0, 0)))
-    names = first.x_names or []
-    fig = Figure(figsize=(max(6.0, 0.45 * len(names) + 2), 4.5))
+    return plot_curve_frame(
+        curves_frame(series),
+        path,
+        title,
+        x_label=first.x_label,
+        y_label=first.y_label,
+        ticks=dict(zip(np.asarray(first.x, dtype=float), first.x_names or [], strict=False)),
+        zero_line=zero_line,
+    )
+
+
+def plot_curve_frame(
+    frame: pd.DataFrame,
+    path: str | Path,
+    title: str = "",
+    x_label: str = "",
+    y_label: str = "",
+    ticks: dict[float, str] | None = None,
+    zero_line: bool = False,
+    errorbar: tuple[str, int] | Callable[[np.ndarray], tuple[float, float]] = ("ci", 95),
+) -> Path:
+    """Plot a long table (series, x, y; one row per point of one curve) as one line per
+    series, the mean over curves with a band (seaborn's ``errorbar``: by default its seeded
+    95% bootstrap; or a function of the values at one x giving (low, high)), to a PNG at
+    ``path`` (folders created). ``ticks`` names categorical x positions (steps of a sanity
+    check)."""
+    ticks = ticks or {}
+    fig = Figure(figsize=(max(6.0, 0.45 * len(ticks) + 2), 4.5))
     ax = fig.subplots()
     if not frame.empty:
         sns.lineplot(
@@ -51,19 +77,66 @@ def plot_curves(
             y="y",
             hue="series",
             marker="o",
-            errorbar=("ci", 95),
+            errorbar=errorbar,
             n_boot=300,
             seed=0,
             ax=ax,
         )
         ax.legend(fontsize=8)
-    if names:
-        ax.set_xticks(np.asarray(first.x, dtype=float), names, rotation=60, ha="right", fontsize=7)
+    if ticks:
+        ax.set_xticks(list(ticks), list(ticks.values()), rotation=60, ha="right", fontsize=7)
     if zero_line:
         ax.axhline(0, color="grey", lw=0.8)
-    ax.set_xlabel(first.x_label)
-    ax.set_ylabel(first.y_label)
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(y_label)
     ax.set_title(title)
+    return _save(fig, path)
+
+
+def plot_bars(bars: pd.DataFrame, path: str | Path, title: str = "", columns: int = 4) -> Path:
+    """One panel per ``panel`` of a table (panel, series, mean, low, high): a bar per series
+    at its mean with the interval [low, high] as error bar (none where NaN), to a PNG."""
+    panels = list(dict.fromkeys(bars["panel"]))
+    series = list(dict.fromkeys(bars["series"]))
+    colours = dict(zip(series, sns.color_palette("colorblind", len(series)), strict=True))
+    ncols = max(1, min(columns, len(panels)))
+    nrows = max(1, -(-len(panels) // ncols))
+    fig = Figure(figsize=(3.2 * ncols, 0.25 * len(series) + 2.6 * nrows))
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+    for ax, panel in zip(axes, panels, strict=False):
+        part = bars[bars["panel"] == panel]
+        x = np.arange(len(part))
+        mean = part["mean"].to_numpy(dtype=float)
+        low = np.nan_to_num(mean - part["low"].to_numpy(dtype=float))
+        high = np.nan_to_num(part["high"].to_numpy(dtype=float) - mean)
+        ax.bar(x, mean, color=[colours[s] for s in part["series"]])
+        ax.errorbar(x, mean, yerr=[low, high], fmt="none", ecolor="black", capsize=3, lw=1)
+        ax.set_xticks(x, list(part["series"]), rotation=45, ha="right", fontsize=8)
+        ax.set_title(str(panel), fontsize=10)
+    for ax in axes[len(panels) :]:
+        ax.set_visible(False)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_seconds(seconds: pd.DataFrame, path: str | Path, title: str = "") -> Path:
+    """Box plot of seconds per explanation (a table: series, group, seconds) on a log axis,
+    one box per series and group, to a PNG at ``path``."""
+    groups = seconds["group"].nunique() if len(seconds) else 1
+    series = seconds["series"].nunique() if len(seconds) else 1
+    fig = Figure(figsize=(max(6.0, 0.5 * series * groups + 2), 4.5))
+    ax = fig.subplots()
+    if len(seconds):
+        sns.boxplot(seconds, x="series", y="seconds", hue="group", log_scale=True, ax=ax)
+        ax.tick_params(axis="x", rotation=45)
+        ax.legend(fontsize=8)
+    ax.set_xlabel("method")
+    ax.set_ylabel("seconds per explanation (log)")
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
