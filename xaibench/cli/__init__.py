@@ -1,5 +1,5 @@
 """The ``xaibench`` command line: ``list``, ``data``, ``explain``, ``compare``, ``evaluate``,
-``demo``, ``leaderboard``."""
+``run``, ``demo``, ``leaderboard``."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from xaibench.cli.demo import demo
 from xaibench.cli.evaluate import evaluate
 from xaibench.cli.explain import explain
 from xaibench.cli.leaderboard import leaderboard
+from xaibench.cli.run import run
 from xaibench.registry import ALL_REGISTRIES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -20,6 +21,7 @@ app.add_typer(data_app, name="data")
 app.command()(explain)
 app.command()(compare)
 app.command()(evaluate)
+app.command()(run)
 app.command()(demo)
 app.command()(leaderboard)
 

@@ -1,8 +1,9 @@
 """``xaibench demo``: the main job on the embedded default.
 
 Makes synthetic scenes, trains (first run) or loads the demo detectors, explains a few
-images and prints where the outputs are; then evaluates every registered method with every
-metric on a few more scenes (``xaibench evaluate``, scaled down) and prints the table.
+images and prints where the outputs are; then runs the embedded default suite (``xaibench
+run``: every registered method with every metric on a few more scenes, scaled down) into
+``OUT/run`` and prints its summary.
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from xaibench.cli.evaluate import demo_settings, print_table
-from xaibench.datasets.coco import CocoDataset
+from xaibench.cli.run import print_report
 from xaibench.datasets.synthetic import generate_synthetic
-from xaibench.evaluate import run_evaluation
 from xaibench.explain import explain_image, write_explanation
 from xaibench.images import load_image
 from xaibench.registry import DETECTORS, METHODS
+from xaibench.runner import run_suite
+from xaibench.suite import load_suite
 
 
 def demo(
@@ -32,10 +33,10 @@ def demo(
     top_k: int = typer.Option(3, "--top-k", min=1, help="detections explained per image"),
     seed: int = typer.Option(2024, help="seed of the demo scenes"),
     eval_images: int = typer.Option(
-        4, "--eval-images", min=0, help="scenes of the closing evaluation (0 skips it)"
+        4, "--eval-images", min=0, help="scenes of the closing suite run (0 skips it)"
     ),
 ) -> None:
-    """Synthetic data -> demo detectors -> heat maps for a few images -> evaluation table."""
+    """Synthetic data -> demo detectors -> heat maps for a few images -> the default suite."""
     console = Console()
     split = generate_synthetic(out / "data", num_images, seed=seed, split="demo")
     console.print(f"synthetic scenes: {split.images_dir} (COCO json {split.annotation_file})")
@@ -66,13 +67,16 @@ def demo(
     console.print(table)
     console.print(f"overlays (PNG), maps (.npy) and detections.json are under {out}")
     if eval_images:
-        scenes = generate_synthetic(out / "data", eval_images, seed=seed + 1, split="eval")
-        console.print(f"evaluating every method with every metric on {scenes.images_dir}")
-        result = run_evaluation(
-            CocoDataset(scenes.annotation_file, scenes.images_dir),
-            demo_settings(detector, eval_images),
-            out / "evaluate",
-            build_detector=built.__getitem__,
+        suite = load_suite(
+            None,
+            [
+                f"limits.images={eval_images}",
+                f"datasets[0].num_images={eval_images}",
+                f"detectors={[{'name': d} for d in detector]}",
+            ],
         )
-        print_table(result, console, title="demo evaluation, mean ± 95% CI")
-        console.print(f"per-instance rows, summary and plots are under {out / 'evaluate'}")
+        console.print("running the default suite (xaibench run): every method, every metric")
+        report = run_suite(
+            suite, where="default suite", store=out / "run", detector_factory=built.__getitem__
+        )
+        print_report(console, report)

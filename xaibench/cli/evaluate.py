@@ -2,26 +2,21 @@
 
 from __future__ import annotations
 
-import inspect
-import math
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import typer
 from pydantic import ValidationError
 from rich.console import Console
-from rich.table import Table
 
 from xaibench.cli.explain import parse_params
 from xaibench.datasets.coco import CocoDataset
-from xaibench.evaluate import (
-    DETECTOR_ROWS,
-    EvaluationResult,
-    EvaluationSettings,
-    run_evaluation,
-)
+from xaibench.evaluate import EvaluationResult, EvaluationSettings, run_evaluation
 from xaibench.labels import rename_categories
 from xaibench.registry import METHODS, METRICS
+from xaibench.report import print_summary
+from xaibench.suite import load_suite
 
 
 def scoped_params(items: list[str], option: str) -> dict[str, dict[str, Any]]:
@@ -38,36 +33,11 @@ def scoped_params(items: list[str], option: str) -> dict[str, dict[str, Any]]:
 
 
 def print_table(result: EvaluationResult, console: Console, title: str = "evaluation") -> None:
-    """Per detector, a table of mean ± 95% CI (one row per metric, one column per method)
-    and the detector-scope measures below it; then the metrics' notes."""
-    summary = result.summary
-    for detector, group in summary.groupby("detector", sort=False):
-        own = group[group["method"] == DETECTOR_ROWS]
-        group = group[group["method"] != DETECTOR_ROWS]
-        methods = list(dict.fromkeys(group["method"]))
-        table = Table("metric", *methods, title=f"{title}: {detector}")
-        most = group.groupby("method")["n"].max()
-        for metric, rows in group.groupby("metric", sort=False):
-            cells = {
-                r.method: _cell(r.mean, r.ci95, r.n, most[r.method]) for r in rows.itertuples()
-            }
-            table.add_row(_arrowed(metric, rows), *(cells.get(m, "-") for m in methods))
-        table.add_row("n (instances)", *(str(most[m]) for m in methods))
-        console.print(table)
-        for r in own.itertuples():
-            cell = _cell(r.mean, r.ci95, r.n, -1)
-            console.print(f"  {detector} {_arrowed(r.metric, own[own.metric == r.metric])} {cell}")
-    for note in result.notes:
-        console.print(f"- {note}")
-
-
-def _arrowed(metric: str, rows) -> str:
-    return f"{metric} {'↑' if bool(rows['higher_is_better'].iloc[0]) else '↓'}"
-
-
-def _cell(mean: float, ci95: float, n: int, most: int) -> str:
-    text = f"{mean:.3g} ± {ci95:.2g}" if math.isfinite(ci95) else f"{mean:.3g}"
-    return text if n == most else f"{text} (n={n})"
+    """Per detector, tables of mean ± 95% CI that read at 80 columns (one row per metric,
+    one column per method), each NaN column with its reason and count, the failed images
+    and units grouped by reason, and the metrics' notes."""
+    results = result.results if result.results is not None else pd.DataFrame()
+    print_summary(console, result.summary, results, result.report, title, result.notes)
 
 
 def evaluate(
@@ -96,15 +66,22 @@ def evaluate(
     attribute: str = typer.Option("score", help="explained attribute (score, x1, ..., combined)"),
     max_images: int | None = typer.Option(None, min=1, help="evaluate the first N images"),
     max_instances: int | None = typer.Option(None, min=1, help="explain at most N per image"),
-    resume: bool = typer.Option(True, help="skip images already in OUT/instances.csv"),
+    resume: bool = typer.Option(
+        True, help="skip units already in OUT/results.sqlite (--no-resume: compute them again)"
+    ),
+    retry_failed: bool = typer.Option(
+        False, "--retry-failed", help="compute units that failed before again"
+    ),
     out: Path = typer.Option(Path("outputs/evaluate"), "--out", "-o", help="output folder"),
     label_map: Path | None = typer.Option(
         None, help="JSON/YAML object renaming dataset categories to detector classes (null: ignore)"
     ),
 ) -> None:
     """Explain the selected instances of every image with every method and score them with
-    every metric. Writes OUT/instances.csv (per instance, appended image by image),
-    curves.csv, summary.csv, summary.md and plots/*.png, and prints mean ± 95% CI."""
+    every metric. Stores every unit (method x image) in OUT/results.sqlite as it finishes;
+    writes OUT/instances.csv, curves.csv, summary.csv, summary.md and plots/*.png, and prints
+    mean ± 95% CI. A method may be listed twice as NAME@VARIANT (-m odam@p3 -m odam@p5
+    -p odam@p3.layer=p3). Exit code 1 when no image could be evaluated."""
     console = Console()
     try:
         settings = EvaluationSettings(
@@ -123,15 +100,19 @@ def evaluate(
         )
     except ValidationError as err:
         raise typer.BadParameter(str(err)) from err
-    dataset = CocoDataset(annotations, images)
     try:
+        dataset = CocoDataset(annotations, images)
         dataset.class_names = rename_categories(dataset.class_names, label_map)
-        result = run_evaluation(dataset, settings, out)
-    except (ValueError, TypeError, KeyError) as err:  # other stored settings, unknown names
-        console.print(f"[red]error:[/red] {err}")
+        result = run_evaluation(dataset, settings, out, retry_failed=retry_failed)
+    except (ValueError, TypeError, KeyError, OSError) as err:  # bad data, names, settings
+        console.print(f"[red]error:[/red] {err}", highlight=False)
         raise typer.Exit(2) from err
     print_table(result, console, title=f"{annotations.name} mean ± 95% CI")
     console.print(f"per-instance rows, summary (CSV, Markdown) and plots are under {out}")
+    report = result.report
+    if report.images and report.images_failed == report.images:
+        console.print("[red]no image could be evaluated[/red]")
+        raise typer.Exit(1)
 
 
 def default_metrics() -> list[str]:
@@ -148,52 +129,21 @@ def default_metrics() -> list[str]:
     return out
 
 
-DEMO_METHOD_SETTINGS: dict[str, Any] = {
-    "n": 100,
-    "iterations": 20,
-    "batch_size": 32,
-    "progress": False,
-}
-"""Scaled-down settings of the demo's evaluation, given to each registered method that takes
-them (D-RISE: 100 masks instead of 5000; BBAM: 20 iterations instead of 300)."""
-DEMO_SANITY_METHODS = ["odam", "gradcam", "gradcampp"]
-"""The methods the demo's sanity checks re-explain (cheap gradient methods)."""
-
-
 def demo_settings(detectors: list[str], num_images: int) -> EvaluationSettings:
-    """The demo's evaluation: every registered method, every metric (sanity checks of the
-    gradient methods with 4 to 5 blocks; feature drift with 100 masks), the paper's
-    instance selection, at most 2 instances per image."""
-    method_params = {
-        name: {k: v for k, v in DEMO_METHOD_SETTINGS.items() if _accepts(METHODS.get(name), k)}
-        for name in METHODS.names()
-    }
-    metric_params: dict[str, dict[str, Any]] = {
-        "sanity": {"depth": 2, "methods": DEMO_SANITY_METHODS},
-        "feature-drift": {"params": {"n": 100, "batch_size": 32}},
-    }
-    metrics = METRICS.names()
+    """The demo's evaluation as ``EvaluationSettings``: the methods, metrics, parameters and
+    selection of the embedded default suite (every registered method, every metric, scaled
+    down), on ``detectors`` and ``num_images`` images."""
+    suite = load_suite()
     return EvaluationSettings(
         detectors=detectors,
-        methods=METHODS.names(),
-        metrics=metrics,
-        method_params=method_params,
-        metric_params={k: v for k, v in metric_params.items() if k in metrics},
-        selection="paper",
+        methods=[m.name for m in suite.methods],
+        metrics=[m.name for m in suite.metrics],
+        method_params={m.name: m.params for m in suite.methods if m.params},
+        metric_params={m.name: m.params for m in suite.metrics if m.params},
+        selection=suite.selection.mode,
+        selection_params=suite.selection.params,
         max_images=num_images,
-        max_instances=2,
+        max_instances=suite.limits.instances,
+        seed=suite.seed,
         resume=False,
     )
-
-
-def _accepts(factory: Any, key: str) -> bool:
-    """Whether ``factory`` (a class or function) takes keyword ``key``, also through the
-    ``**kwargs`` a subclass passes to its bases."""
-    owners = [k for k in getattr(factory, "__mro__", ()) if "__init__" in vars(k)] or [factory]
-    for owner in owners:
-        params = inspect.signature(owner).parameters
-        if key in params:
-            return True
-        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-            return False
-    return False
