@@ -120,7 +120,7 @@ def _model(detector: Detector) -> nn.Module:
 
 
 def _image_tensor(image: np.ndarray, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).to(device).float() / 255
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1).to(device).float() / 255
 
 
 def backbone_features(
@@ -318,7 +318,7 @@ def train_embedding(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
             bar.update()
     for p in model.parameters():
