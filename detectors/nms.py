@@ -7,6 +7,7 @@ Every strategy starts from the same candidates, ``detector.detect([image], nms=F
 image)`` is the whole pipeline (detector included, what ``xaibench nms`` times);
 ``strategy.select(candidates, detector, image)`` applies the strategy to given candidates.
 
+- ``none``: every candidate (the reference "without NMS").
 - ``nms``: torchvision's ``batched_nms`` (a candidate goes if its IoU with a kept one > 0.5).
 - ``softnms``: Bodla et al. 2017; ``method="gaussian"`` scales the others' scores by
   exp(-IoU^2 / sigma) (sigma 0.5), ``"linear"`` by 1 - IoU where IoU > ``iou_threshold``;
@@ -157,6 +158,16 @@ class NMSStrategy(ABC):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Kept indices into ``candidates`` (all above the score threshold) and their final
         scores."""
+
+
+@NMS.register("none")
+class NoSuppression(NMSStrategy):
+    """Keeps every candidate above the score threshold: the "without NMS" reference."""
+
+    name = "none"
+
+    def suppress(self, candidates, detector=None, image=None):
+        return torch.arange(len(candidates), device=candidates.scores.device), candidates.scores
 
 
 @NMS.register("nms")

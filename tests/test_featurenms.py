@@ -98,5 +98,5 @@ def test_missing_or_bad_files_say_what_to_do(tmp_path):
     with pytest.raises(FileNotFoundError, match="featurenms-embedding"):
         load_embedding(detector, tmp_path / "none.pt")
     (tmp_path / "bad.pt").write_bytes(b"xx")
-    with pytest.raises(ValueError, match="bad.pt is not a FeatureNMS embedding file"):
+    with pytest.raises(ValueError, match=r"bad\.pt is not a FeatureNMS embedding file"):
         load_embedding(detector, tmp_path / "bad.pt")

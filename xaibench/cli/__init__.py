@@ -1,5 +1,5 @@
 """The ``xaibench`` command line: ``list``, ``data``, ``explain``, ``compare``, ``evaluate``,
-``demo``."""
+``nms``, ``demo``."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from xaibench.cli.data import app as data_app
 from xaibench.cli.demo import demo
 from xaibench.cli.evaluate import evaluate
 from xaibench.cli.explain import explain
+from xaibench.cli.nms import nms
 from xaibench.registry import ALL_REGISTRIES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -19,6 +20,7 @@ app.add_typer(data_app, name="data")
 app.command()(explain)
 app.command()(compare)
 app.command()(evaluate)
+app.command()(nms)
 app.command()(demo)
 
 
