@@ -372,5 +372,5 @@ def demo_embedding(detector: Detector, cache_dir: str | Path | None = None) -> P
     return save_embedding(path, head, detector, DEMO_CONFIG, info)
 
 
-DEMO_CONFIG = EmbeddingConfig()
-"""The recipe's settings for the crowd demo detectors (frozen detector)."""
+DEMO_CONFIG = EmbeddingConfig(iterations=300, batch_size=2)
+"""The recipe's settings for the crowd demo detectors (frozen detector, 600 images seen)."""

@@ -124,12 +124,17 @@ def results_frame(runs: dict[str, StrategyRun], detector: str) -> pd.DataFrame:
     )
 
 
+def _wide(results: pd.DataFrame) -> pd.DataFrame:
+    """One row per (detector, strategy), one column per metric."""
+    return results.pivot_table(
+        index=["detector", "strategy"], columns="metric", values="value", sort=False
+    )
+
+
 def table5(results: pd.DataFrame) -> pd.DataFrame:
     """Paper Table 5 layout: one row per detector and strategy; AP50 and JI in %, MR^-2 in %,
     seconds per image of the whole pipeline."""
-    wide = results.pivot_table(
-        index=["detector", "strategy"], columns="metric", values="value", sort=False
-    )
+    wide = _wide(results)
     out = pd.DataFrame(
         {
             "AP50": 100 * wide["ap50"],
@@ -144,9 +149,7 @@ def table5(results: pd.DataFrame) -> pd.DataFrame:
 def table7(results: pd.DataFrame) -> pd.DataFrame:
     """Paper Table 7 layout: recall (%) of all, sparse and crowd GTs per strategy (at its best
     JI score threshold), with the GT counts."""
-    wide = results.pivot_table(
-        index=["detector", "strategy"], columns="metric", values="value", sort=False
-    )
+    wide = _wide(results)
     out = pd.DataFrame(
         {
             "total": 100 * wide["recall_all"],
