@@ -81,17 +81,13 @@ def main() -> None:
             f"{medians[row.strategy]:.4f}",
             ratio,
         )
-    console.print(f"{args.detector}, {len(samples)} crowd val images, torch threads "
-                  f"{torch.get_num_threads()}")  # fmt: skip
+    threads = torch.get_num_threads()
+    console.print(f"{args.detector}, {len(samples)} crowd val images, torch threads {threads}")
     console.print(out)
     stages = odam_stages(detector, [s.image for s in samples])
-    console.print(
-        "Odam-NMS stages (median s): "
-        + ", ".join(
-            f"{k} {v:.4f}" if k != "candidates per image" else f"{k} {v:g}"
-            for k, v in stages.items()
-        )  # fmt: skip
-    )
+    count = stages.pop("candidates per image")
+    parts = ", ".join(f"{k} {v:.4f}" for k, v in stages.items())
+    console.print(f"Odam-NMS stages (median s): {parts}; candidates per image {count:g}")
 
 
 if __name__ == "__main__":
