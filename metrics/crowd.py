@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -419,7 +420,9 @@ class CrowdReport:
     """Every crowd metric of a set of records plus the intermediate stages.
 
     ``ap50``, ``mr2`` (MR^-2), ``ji`` (best threshold's JI) and ``ji_threshold``, ``recall``
-    (all / crowd / sparse and group sizes); ``ji_per_threshold`` (Series, index = score
+    (all / crowd / sparse and group sizes, of the detections above ``recall_threshold``: by
+    default the best JI threshold, as paper Table 7), ``recall_any`` (the same of all
+    detections); ``ji_per_threshold`` (Series, index = score
     threshold); ``matches``, ``curves``, ``ji_per_image``: the stages. ``reasons`` says why a
     value is NaN.
     """
@@ -429,6 +432,8 @@ class CrowdReport:
     ji: float
     ji_threshold: float
     recall: dict[str, float]
+    recall_threshold: float | None
+    recall_any: dict[str, float]
     ji_per_threshold: pd.Series
     matches: Matches
     curves: Curves
@@ -436,9 +441,11 @@ class CrowdReport:
     reasons: dict[str, str] = field(default_factory=dict)
 
     def values(self) -> dict[str, float]:
-        """The headline numbers (flat dict): ap50, mr2, ji, ji_threshold, recall_*."""
+        """The headline numbers (flat dict): ap50, mr2, ji, ji_threshold, recall_*,
+        recall_any_*."""
         out = {"ap50": self.ap50, "mr2": self.mr2, "ji": self.ji, "ji_threshold": self.ji_threshold}
         out.update({f"recall_{k}": float(v) for k, v in self.recall.items()})
+        out.update({f"recall_any_{k}": float(v) for k, v in self.recall_any.items()})
         return out
 
 
@@ -446,16 +453,13 @@ def evaluate_crowd(
     records: Sequence[CrowdRecord],
     iou_threshold: float = IOU_THRESHOLD,
     ji_thresholds: Sequence[float] = JI_THRESHOLDS,
-    recall_score_threshold: float | None = None,
+    recall_score_threshold: float | Literal["best-ji"] | None = "best-ji",
 ) -> CrowdReport:
-    """AP50, MR^-2, JI and the recall split of ``records`` (see the module docstring)."""
+    """AP50, MR^-2, JI and the recall split of ``records`` (see the module docstring);
+    ``recall_score_threshold``: the detections the recall split counts (score above it;
+    ``"best-ji"``: the best JI threshold; None: all)."""
     matches = match_records(records, iou_threshold)
     curves = accumulate(matches)
-    recall_matches = (
-        matches
-        if recall_score_threshold is None
-        else match_records(above_score(records, recall_score_threshold), iou_threshold)
-    )
     per_image = jaccard_index(records, ji_thresholds, iou_threshold)
     per_threshold = summarise_ji(per_image)
     reasons = {}
@@ -467,12 +471,19 @@ def evaluate_crowd(
     else:
         best_t = float(per_threshold.idxmax())
         best = float(per_threshold[best_t])
+    threshold = best_t if recall_score_threshold == "best-ji" else recall_score_threshold
+    if threshold is None or np.isnan(threshold):
+        threshold, recall_matches = None, matches
+    else:
+        recall_matches = match_records(above_score(records, threshold), iou_threshold)
     return CrowdReport(
         ap50=average_precision(curves),
         mr2=log_average_miss_rate(curves),
         ji=best,
         ji_threshold=best_t,
         recall=recall_split(recall_matches),
+        recall_threshold=threshold,
+        recall_any=recall_split(matches),
         ji_per_threshold=per_threshold,
         matches=matches,
         curves=curves,

@@ -120,7 +120,7 @@ def test_recall_split_crowd_and_sparse():
         dts=[[0, 0, 10, 10], [50, 0, 60, 10], [1, 0, 11, 10]],
         scores=[0.9, 0.8, 0.2],
     )
-    report = evaluate_crowd([r])
+    report = evaluate_crowd([r], recall_score_threshold=None)
     assert report.matches.gts["crowd"].tolist() == [True, True, False]
     assert report.recall["crowd"] == 1.0 and report.recall["sparse"] == 1.0
     above = evaluate_crowd([r], recall_score_threshold=0.5)
@@ -146,3 +146,21 @@ def test_result_file_errors_name_the_line(tmp_path):
     path.write_text('{"ID": "a", "width": 10}\n')
     with pytest.raises(ValueError, match="line 1: missing field"):
         read_crowddet_results(path)
+
+
+def test_recall_split_at_the_best_ji_threshold_by_default():
+    # two people (the second detected at 0.25) and a false positive at 0.3
+    r = record(
+        "t",
+        gts=[[0, 0, 10, 10], [50, 0, 60, 10]],
+        ignore=[False, False],
+        dts=[[0, 0, 10, 10], [80, 80, 90, 90], [50, 0, 60, 10]],
+        scores=[0.9, 0.3, 0.25],
+    )
+    report = evaluate_crowd([r])
+    # JI: t = 0.0..0.2: k=2, n=3 -> 2/3 (the best); t = 0.3..0.8: k=1, n=1 -> 1/2
+    assert report.ji == pytest.approx(2 / 3) and report.ji_threshold == 0.0
+    assert report.recall_threshold == 0.0 and report.recall["all"] == 1.0
+    strict = evaluate_crowd([r], recall_score_threshold=0.26)
+    assert strict.recall["all"] == 0.5 and strict.recall_any["all"] == 1.0
+    assert strict.values()["recall_any_all"] == 1.0
