@@ -142,3 +142,20 @@ def test_score_threshold_and_max_detections():
     assert NMS.build("nms").select(found).keep.tolist() == [0, 2]
     with pytest.raises(ValueError, match="odamnms needs the detector"):
         NMS.build("odamnms").select(found)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["synthetic-crowd-fcos", "synthetic-crowd-frcnn"])
+def test_nms_loses_crowded_people_that_the_crowd_demo_detectors_find(name):
+    from xaibench.detectors.zoo import demo_data
+    from xaibench.metrics.nms_comparison import compare_strategies
+
+    from xaibench.registry import DETECTORS
+
+    detector = DETECTORS.build(name, progress=False)
+    val = demo_data(mode="crowd")["val"]
+    runs = compare_strategies(detector, [val[i] for i in range(30)], ["none", "nms"])
+    without, with_nms = runs["none"].report, runs["nms"].report
+    assert with_nms.ap50 > 0.5
+    assert with_nms.recall_any["crowd"] < without.recall_any["crowd"] - 0.1
+    assert with_nms.recall_any["sparse"] > without.recall_any["sparse"] - 0.05
