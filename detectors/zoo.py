@@ -212,7 +212,7 @@ def load_demo(
     if retrain:
         shutil.rmtree(weights.parent, ignore_errors=True)
     torch.manual_seed(spec.model_seed)
-    model = spec.build(len(DEMO_CLASS_NAMES))
+    model = spec.build(len(spec.class_names))
     if weights.exists():
         _load_weights(model, weights)
         return wrap(model, spec.class_names, name, device)
