@@ -3,6 +3,22 @@
 The detectron2 builders register without importing detectron2 (an optional dependency).
 """
 
-from xaibench.detectors import detectron2_builders, evidence, torchvision, training, zoo
+from xaibench.detectors import (
+    detectron2_builders,
+    evidence,
+    featurenms,
+    nms,
+    torchvision,
+    training,
+    zoo,
+)
 
-__all__ = ["detectron2_builders", "evidence", "torchvision", "training", "zoo"]
+__all__ = [
+    "detectron2_builders",
+    "evidence",
+    "featurenms",
+    "nms",
+    "torchvision",
+    "training",
+    "zoo",
+]

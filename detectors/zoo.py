@@ -40,7 +40,7 @@ import xaibench
 from xaibench import cache
 from xaibench.coco_eval import evaluate_coco
 from xaibench.datasets.coco import CocoDataset
-from xaibench.datasets.synthetic import CLASS_NAMES, load_synthetic
+from xaibench.datasets.synthetic import CLASS_NAMES, CROWD_CLASS_NAMES, load_synthetic
 from xaibench.detector import Detector
 from xaibench.registry import DETECTORS
 
@@ -137,6 +137,9 @@ def build_small_frcnn(
 DEMO_CLASS_NAMES = ["__background__", *CLASS_NAMES]
 DEMO_DATA = {"train": (2000, 0), "val": (500, 1)}
 """Synthetic ``objects`` splits (160 x 160 px) of the demo detectors: (images, seed)."""
+CROWD_DEMO_CLASS_NAMES = ["__background__", *CROWD_CLASS_NAMES]
+CROWD_DEMO_DATA = {"train": (2000, 0), "val": (200, 1)}
+"""Synthetic ``crowd`` splits (160 x 160 px) of the crowd demo detectors: (images, seed)."""
 
 
 @dataclass(frozen=True)
@@ -146,6 +149,15 @@ class DemoSpec:
     build: Callable[[int], nn.Module]
     config: BaselineConfig
     model_seed: int = 0
+    mode: str = "objects"
+
+    @property
+    def class_names(self) -> list[str]:
+        return DEMO_CLASS_NAMES if self.mode == "objects" else CROWD_DEMO_CLASS_NAMES
+
+    @property
+    def splits(self) -> dict[str, tuple[int, int]]:
+        return DEMO_DATA if self.mode == "objects" else CROWD_DEMO_DATA
 
 
 _ADAMW = {"optimizer": "adamw", "lr": 2e-3, "weight_decay": 0.05, "batch_size": 4}
@@ -155,12 +167,28 @@ DEMOS: dict[str, DemoSpec] = {
 }
 
 
-def demo_data(cache_dir: str | Path | None = None) -> dict[str, CocoDataset]:
-    """The demo detectors' synthetic splits (``"train"``, ``"val"``), generated if missing."""
+CROWD_DEMOS: dict[str, DemoSpec] = {
+    "synthetic-crowd-fcos": DemoSpec(
+        build_small_fcos, BaselineConfig(iterations=2500, **_ADAMW), mode="crowd"
+    ),
+    "synthetic-crowd-frcnn": DemoSpec(
+        build_small_frcnn, BaselineConfig(iterations=1500, **_ADAMW), mode="crowd"
+    ),
+}
+"""The crowd demo detectors (one class, person), trained on the synthetic crowd split; half
+the objects demos' iterations (a crowd iteration costs 1.0-1.1 times an objects one)."""
+
+
+def demo_data(cache_dir: str | Path | None = None, mode: str = "objects") -> dict[str, CocoDataset]:
+    """The demo detectors' synthetic splits (``"train"``, ``"val"``), generated if missing;
+    ``mode="crowd"``: the crowd demo detectors' splits (CrowdHuman odgt beside the COCO json)."""
     root = Path(cache_dir) if cache_dir is not None else cache.cache_dir()
+    folder, splits = ("demo", DEMO_DATA) if mode == "objects" else ("demo-crowd", CROWD_DEMO_DATA)
     return {
-        split: load_synthetic(root / "synthetic" / "demo", num_images=n, seed=seed, split=split)
-        for split, (n, seed) in DEMO_DATA.items()
+        split: load_synthetic(
+            root / "synthetic" / folder, num_images=n, seed=seed, mode=mode, split=split
+        )
+        for split, (n, seed) in splits.items()
     }
 
 
@@ -179,17 +207,17 @@ def load_demo(
     them and trains from scratch. ``device`` is where it trains and runs (None: CUDA if
     available); ``progress`` shows the training progress bar.
     """
-    spec = DEMOS[name]
+    spec = {**DEMOS, **CROWD_DEMOS}[name]
     root = Path(cache_dir) if cache_dir is not None else cache.cache_dir()
     weights = root / "detectors" / name / "weights.pt"
     if retrain:
         shutil.rmtree(weights.parent, ignore_errors=True)
     torch.manual_seed(spec.model_seed)
-    model = spec.build(len(DEMO_CLASS_NAMES))
+    model = spec.build(len(spec.class_names))
     if weights.exists():
         _load_weights(model, weights)
-        return wrap(model, DEMO_CLASS_NAMES, name, device)
-    return _train_demo(name, model, root, device, progress)
+        return wrap(model, spec.class_names, name, device)
+    return _train_demo(name, spec, model, root, device, progress)
 
 
 def _load_weights(model: nn.Module, path: Path) -> None:
@@ -202,23 +230,28 @@ def _load_weights(model: nn.Module, path: Path) -> None:
 
 
 def _train_demo(
-    name: str, model: nn.Module, root: Path, device: str | torch.device | None, progress: bool
+    name: str,
+    spec: DemoSpec,
+    model: nn.Module,
+    root: Path,
+    device: str | torch.device | None,
+    progress: bool,
 ) -> Detector:
     """Train, validate and cache a demo detector; the files appear only when all succeeded."""
     folder = root / "detectors" / name
-    config = DEMOS[name].config
-    steps = config.total_iterations(DEMO_DATA["train"][0])
+    config = spec.config
+    steps = config.total_iterations(spec.splits["train"][0])
     say(
         f"xaibench: training the demo detector {name} on first use ({steps} steps on synthetic "
         f"scenes, minutes on a CPU; an interrupted run resumes); it will be cached in {folder}"
     )
-    data = demo_data(root)
+    data = demo_data(root, spec.mode)
     if device is not None:
         config = config.model_copy(update={"device": str(device)})
     checkpoints = folder / "checkpoints"
     log_every = 0 if progress else max(1, steps // 10)
     result = train(model, data["train"], config, checkpoints, progress, log_every)
-    detector = wrap(model, DEMO_CLASS_NAMES, name, device)
+    detector = wrap(model, spec.class_names, name, device)
     val = data["val"]
     started = time.perf_counter()
     metrics = evaluate_coco(detector.detect([val[i].image for i in range(len(val))]), val)
@@ -229,8 +262,8 @@ def _train_demo(
         "train_seconds": result.seconds,
         "train_final_loss": statistics.fmean(result.losses[-50:]),
         "config": config.model_dump(),
-        "data": {split: {"images": n, "seed": seed} for split, (n, seed) in DEMO_DATA.items()},
-        "model_seed": DEMOS[name].model_seed,
+        "data": {split: {"images": n, "seed": seed} for split, (n, seed) in spec.splits.items()},
+        "model_seed": spec.model_seed,
         "torch_threads": torch.get_num_threads(),
         "versions": {
             "xaibench": xaibench.__version__,
@@ -285,3 +318,27 @@ def synthetic_frcnn(
     in ``<cache_dir>/detectors/synthetic-frcnn/``; see ``load_demo`` for the arguments.
     """
     return load_demo("synthetic-frcnn", cache_dir, device, retrain, progress)
+
+
+@DETECTORS.register("synthetic-crowd-fcos")
+def synthetic_crowd_fcos(
+    cache_dir: str | Path | None = None,
+    device: str | torch.device | None = None,
+    retrain: bool = False,
+    progress: bool = True,
+) -> Detector:
+    """Small FCOS trained from scratch on synthetic crowds (one class, person), for comparing
+    NMS strategies; cached in ``<cache_dir>/detectors/synthetic-crowd-fcos/`` (``load_demo``)."""
+    return load_demo("synthetic-crowd-fcos", cache_dir, device, retrain, progress)
+
+
+@DETECTORS.register("synthetic-crowd-frcnn")
+def synthetic_crowd_frcnn(
+    cache_dir: str | Path | None = None,
+    device: str | torch.device | None = None,
+    retrain: bool = False,
+    progress: bool = True,
+) -> Detector:
+    """Small Faster R-CNN trained from scratch on synthetic crowds (one class, person), for
+    comparing NMS strategies; cached in ``<cache_dir>/detectors/synthetic-crowd-frcnn/``."""
+    return load_demo("synthetic-crowd-frcnn", cache_dir, device, retrain, progress)

@@ -1,5 +1,5 @@
 """The ``xaibench`` command line: ``list``, ``data``, ``explain``, ``compare``, ``evaluate``,
-``run``, ``demo``, ``leaderboard``."""
+``run``, ``leaderboard``, ``nms``, ``demo``."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from xaibench.cli.demo import demo
 from xaibench.cli.evaluate import evaluate
 from xaibench.cli.explain import explain
 from xaibench.cli.leaderboard import leaderboard
+from xaibench.cli.nms import nms
 from xaibench.cli.run import run
 from xaibench.registry import ALL_REGISTRIES
 
@@ -22,6 +23,7 @@ app.command()(explain)
 app.command()(compare)
 app.command()(evaluate)
 app.command()(run)
+app.command()(nms)
 app.command()(demo)
 app.command()(leaderboard)
 

@@ -18,11 +18,14 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from xaibench.cache import atomic_write
 from xaibench.images import check_detectable, load_image
 from xaibench.registry import DATASETS
 from xaibench.types import Instance, Sample
@@ -163,3 +166,137 @@ class CrowdHumanDataset:
             f"no image file for ID {image_id!r} of {self.odgt_file}: tried "
             + ", ".join(str(p) for p in candidates)
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# CrowdDet result files: what the CrowdDet evaluation (and other tools) score
+
+
+@dataclass
+class CrowdRecord:
+    """Ground truth and detections of one image, as the CrowdDet evaluation reads them.
+
+    Boxes xyxy in original-image pixels (GT boxes are full-body boxes and may extend beyond
+    the image: the evaluation clips them); ``gt_ignore`` (M,) marks ignore GTs (CrowdDet tag
+    -1); ``dt_scores`` (N,) the detections' scores; ``height``/``width`` the image size in px.
+    """
+
+    image_id: str
+    height: int
+    width: int
+    gt_boxes: np.ndarray
+    gt_ignore: np.ndarray
+    dt_boxes: np.ndarray
+    dt_scores: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.image_id = str(self.image_id)
+        self.gt_boxes = np.asarray(self.gt_boxes, dtype=np.float64).reshape(-1, 4)
+        self.gt_ignore = np.asarray(self.gt_ignore, dtype=bool).reshape(-1)
+        self.dt_boxes = np.asarray(self.dt_boxes, dtype=np.float64).reshape(-1, 4)
+        self.dt_scores = np.asarray(self.dt_scores, dtype=np.float64).reshape(-1)
+        if len(self.gt_ignore) != len(self.gt_boxes):
+            raise ValueError(
+                f"image {self.image_id}: {len(self.gt_boxes)} GT boxes but "
+                f"{len(self.gt_ignore)} ignore flags"
+            )
+        if len(self.dt_scores) != len(self.dt_boxes):
+            raise ValueError(
+                f"image {self.image_id}: {len(self.dt_boxes)} detection boxes but "
+                f"{len(self.dt_scores)} scores"
+            )
+
+    @staticmethod
+    def from_sample(
+        sample: Sample, boxes: Any = (), scores: Any = (), label: int | None = None
+    ) -> CrowdRecord:
+        """A record of ``sample``'s ground truth (instances of ``label`` or, with None, all;
+        others count as ignore) and detections ``boxes`` (N, 4) xyxy with ``scores`` (N,)."""
+        height, width = sample.size
+        gts = sample.instances
+        return CrowdRecord(
+            image_id=str(sample.image_id),
+            height=height,
+            width=width,
+            gt_boxes=np.array([g.box for g in gts], dtype=np.float64).reshape(-1, 4),
+            gt_ignore=np.array(
+                [g.ignore or (label is not None and g.label != label) for g in gts], dtype=bool
+            ),
+            dt_boxes=np.asarray(boxes, dtype=np.float64).reshape(-1, 4),
+            dt_scores=np.asarray(scores, dtype=np.float64).reshape(-1),
+        )
+
+
+def _xywh_list(box: np.ndarray) -> list[float]:
+    x1, y1, x2, y2 = (float(v) for v in box)
+    return [x1, y1, x2 - x1, y2 - y1]
+
+
+def write_crowddet_results(path: str | Path, records: Sequence[CrowdRecord]) -> Path:
+    """Write ``records`` as a CrowdDet result file (json lines): ``ID``, ``height``, ``width``,
+    ``gtboxes`` [{``box`` xywh, ``tag`` 1 or -1 (ignore)}], ``dtboxes`` [{``box`` xywh,
+    ``score``, ``tag`` 1}]. Written atomically; returns the path."""
+    lines = []
+    for r in records:
+        record = {
+            "ID": r.image_id,
+            "height": int(r.height),
+            "width": int(r.width),
+            "gtboxes": [
+                {"box": _xywh_list(b), "tag": -1 if ig else 1}
+                for b, ig in zip(r.gt_boxes, r.gt_ignore, strict=True)
+            ],
+            "dtboxes": [
+                {"box": _xywh_list(b), "score": float(s), "tag": 1}
+                for b, s in zip(r.dt_boxes, r.dt_scores, strict=True)
+            ],
+        }
+        lines.append(json.dumps(record, separators=(",", ":")))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+def read_crowddet_results(path: str | Path) -> list[CrowdRecord]:
+    """Records of a CrowdDet result file (see ``write_crowddet_results``); a GT whose ``tag``
+    is not 1 is ignore. Errors name the file, line and field."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"CrowdDet result file {path} does not exist")
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path} line {number}"
+        try:
+            raw = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where} is not valid json: {err}") from err
+        missing = [
+            k for k in ("ID", "height", "width") if not isinstance(raw, dict) or k not in raw
+        ]
+        if missing:
+            raise ValueError(f"{where}: missing field(s) {', '.join(missing)}")
+        gts, dts = raw.get("gtboxes", []), raw.get("dtboxes", [])
+        for field_name, boxes in (("gtboxes", gts), ("dtboxes", dts)):
+            if not isinstance(boxes, list):
+                raise ValueError(f"{where}: {field_name!r} must be a list")
+            for k, box in enumerate(boxes):
+                _check_box(box, "box", f"{where} (ID {raw['ID']}) {field_name}[{k}]")
+        for k, box in enumerate(dts):
+            if not isinstance(box.get("score"), (int, float)):
+                raise ValueError(f"{where} (ID {raw['ID']}) dtboxes[{k}]: 'score' must be a number")
+        records.append(
+            CrowdRecord(
+                image_id=str(raw["ID"]),
+                height=int(raw["height"]),
+                width=int(raw["width"]),
+                gt_boxes=np.array([_xyxy(b["box"]) for b in gts]).reshape(-1, 4),
+                gt_ignore=np.array([b.get("tag") != 1 for b in gts], dtype=bool),
+                dt_boxes=np.array([_xyxy(b["box"]) for b in dts]).reshape(-1, 4),
+                dt_scores=np.array([float(b["score"]) for b in dts]),
+            )
+        )
+    return records
