@@ -650,7 +650,7 @@ def plot_all(curves: pd.DataFrame, folder: Path) -> dict[str, Path]:
     detector's blocks) get one PNG per detector: ``<curve>_<detector>.png``."""
     files: dict[str, Path] = {}
     for name, group in curves.groupby("curve", sort=False):
-        per_detector = group["x_name"].notna().any()
+        per_detector = group["x_name"].fillna("").astype(str).ne("").any()  # named steps
         parts = group.groupby("detector", sort=False) if per_detector else [(None, group)]
         for detector, part in parts:
             stem = str(name) if detector is None else f"{name}_{detector}"
