@@ -101,12 +101,12 @@ def make_store(path: Path) -> Path:
             key = f"{method}-{i}"
             if conn.execute("SELECT 1 FROM units WHERE unit_key = ?", (key,)).fetchone() is None:
                 _unit(conn, key, method, f"img{i}", "done")
-                conn.execute("INSERT INTO plan VALUES ('r1', ?)", (key,))
+                conn.execute("INSERT INTO plan (run_id, unit_key) VALUES ('r1', ?)", (key,))
             _result(conn, key, method, f"img{i}", column, value)
             _result_curve(conn, key, method, i, column, value)
     for key, status, plan in (("stale-odam-0", "done", "r0"), ("failed-odam-0", "failed", "r1")):
         _unit(conn, key, "odam", "img0", status)
-        conn.execute("INSERT INTO plan VALUES (?, ?)", (plan, key))
+        conn.execute("INSERT INTO plan (run_id, unit_key) VALUES (?, ?)", (plan, key))
         _result(conn, key, "odam", "img0", "deletion", 1000.0)
     conn.execute("COMMIT")
     conn.close()

@@ -156,7 +156,7 @@ class Workspace:
         (generating synthetic ones into ``STORE/data/NAME``); detectors are built on use."""
         if suite.preset is not None:
             raise SuiteError(f"{where}: preset: metric presets are not available in this version")
-        check_plugins(suite, where)
+        check_plugins(suite, where, detectors=detector_factory is None)
         space = cls(suite, str(where), detector_factory, dict(datasets or {}))
         for i, spec in enumerate(suite.methods):
             space.methods[spec.name] = build_plugin(

@@ -163,7 +163,8 @@ class Suite(_Strict):
     executor: ExecutorSpec = Field(default_factory=ExecutorSpec)
     store: Path | None = None
     references: list[Reference] = Field(default_factory=list)
-    label_map: dict[str, str] = Field(default_factory=dict)
+    label_map: dict[str, str | None] = Field(default_factory=dict)
+    """Dataset category -> detector class name (null: ignore the category)."""
 
     @field_validator("metrics", mode="before")
     @classmethod
@@ -303,12 +304,13 @@ def _render(keys: list[Any]) -> str:
     )
 
 
-def check_plugins(suite: Suite, where: str | Path = "suite") -> None:
+def check_plugins(suite: Suite, where: str | Path = "suite", detectors: bool = True) -> None:
     """Every method and metric name is registered and builds with its params (once, before
-    any work); detector names are registered. Raises ``SuiteError``."""
+    any work); detector names are registered (unless ``detectors`` is False: the caller
+    builds them). Raises ``SuiteError``."""
     from xaibench.registry import DETECTORS
 
-    for i, spec in enumerate(suite.detectors):
+    for i, spec in enumerate(suite.detectors if detectors else []):
         _known(DETECTORS, spec.registered, f"detectors[{i}].detector", where)
     for i, spec in enumerate(suite.methods):
         build_plugin(METHODS, spec.registered, spec.params, f"methods[{i}]", where)
