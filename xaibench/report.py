@@ -9,6 +9,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from rich.console import Console
 from rich.table import Table
@@ -141,7 +142,7 @@ def failure_groups(failures: pd.DataFrame) -> pd.DataFrame:
     return grouped.reset_index()[columns]
 
 
-def print_failures(console: Console, failures: pd.DataFrame, images: int, limit: int = 160) -> None:
+def print_failures(console: Console, failures: pd.DataFrame, images: int, limit: int = 400) -> None:
     """How many images and units failed and why, grouped by reason."""
     if failures.empty:
         return
@@ -159,6 +160,24 @@ def print_failures(console: Console, failures: pd.DataFrame, images: int, limit:
         )
 
 
+def with_empty_groups(summary: pd.DataFrame, results: pd.DataFrame) -> pd.DataFrame:
+    """``summary`` plus a row (n 0, mean NaN) for each dataset, detector and method of
+    ``results`` without any value, so that a method whose every value is NaN keeps its
+    column (``-``) in the printed tables."""
+    keys = [k for k in ("dataset", "detector", "method") if k in summary.columns]
+    if results.empty or not keys:
+        return summary
+    groups = results.groupby(keys, sort=False)[["column", "higher_is_better"]].first()
+    present = pd.MultiIndex.from_frame(summary[keys]) if len(keys) > 1 else summary[keys[0]]
+    empty = groups[~groups.index.isin(present)].reset_index()
+    if empty.empty:
+        return summary
+    empty = empty.rename(columns={"column": "metric"}).assign(
+        n=0, mean=np.nan, ci95=np.nan, higher_is_better=lambda f: f["higher_is_better"] == 1
+    )
+    return pd.concat([summary, empty[summary.columns]], ignore_index=True)
+
+
 def print_summary(
     console: Console,
     summary: pd.DataFrame,
@@ -170,7 +189,7 @@ def print_summary(
     """Tables, NaN reasons, failed images and units, the metrics' notes and the unit counts
     of a run (``report``: a ``RunReport``)."""
     columns = dict(zip(results["column"], results["higher_is_better"].astype(bool), strict=True))
-    print_tables(console, summary, columns, title)
+    print_tables(console, with_empty_groups(summary, results), columns, title)
     print_nan_reasons(console, results)
     print_failures(console, report.failures, report.images)
     for note in notes:
