@@ -35,6 +35,15 @@ def test_unknown_name_shows_closest_and_known() -> None:
     assert "Known things: gradcam, gradcampp" in str(err.value)
 
 
+def test_known_names_are_listed_the_closest_first() -> None:
+    things = Registry("things")
+    for name in ("bbam", "drise", "drise-feature", "odam"):
+        things.register(name, object)
+    with pytest.raises(UnknownNameError) as err:
+        things.get("drise-feat")
+    assert str(err.value).endswith("Known things: drise-feature, drise, odam, bbam")
+
+
 def test_entry_points_are_discovered_lazily(monkeypatch: pytest.MonkeyPatch) -> None:
     things = Registry("things")
     ep = EntryPoint(name="mine", value="collections:OrderedDict", group="xaibench.things")

@@ -49,15 +49,18 @@ class Registry(Generic[T]):
         self._entries[name] = obj
 
     def get(self, name: str) -> T:
-        """The plugin registered as ``name``; an unknown name lists the known ones."""
+        """The plugin registered as ``name``; an unknown name lists the known ones, the closest
+        first."""
         self._load_entry_points()
         if name in self._entries:
             return self._entries[name]
         known = sorted(self._entries)
         close = difflib.get_close_matches(name, known, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
+        by_closeness = difflib.get_close_matches(name, known, n=len(known), cutoff=0.0)
         raise UnknownNameError(
-            f"unknown {self.kind} {name!r}.{hint} Known {self.kind}: {', '.join(known) or '(none)'}"
+            f"unknown {self.kind} {name!r}.{hint} Known {self.kind}: "
+            f"{', '.join(by_closeness) or '(none)'}"
         )
 
     def build(self, name: str, **kwargs: Any) -> Any:

@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from xaibench.params import ParamError, checked_params
 from xaibench.registry import METHODS, METRICS, UnknownNameError, plugin_name
 from xaibench.types import ATTRIBUTES
 
@@ -339,6 +340,10 @@ def build_plugin(
                     f"{where}: {field}.params.{key}: unknown parameter of {registry.kind[:-1]} "
                     f"{name!r}; expected one of {', '.join(accepted) or '(none)'}"
                 )
+    try:
+        params = checked_params(factory, params)
+    except ParamError as err:
+        raise SuiteError(f"{where}: {field}.params.{err}") from None
     try:
         return factory(**params)
     except (TypeError, ValueError) as err:

@@ -13,10 +13,7 @@ keys, wrong types) before anything runs, so that they never surface as raw TypeE
 
 from __future__ import annotations
 
-import inspect
-import json
 import os
-import typing
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -24,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from pydantic import TypeAdapter, ValidationError
+
+from xaibench.params import ParamError, checked_params
 
 DEBUG_ENV = "XAIBENCH_DEBUG"
 ORDINARY_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, KeyError, OSError)
@@ -55,57 +53,13 @@ def user_errors(argument: str, debug: bool = False) -> Iterator[None]:
 def typed_params(
     factory: Callable[..., Any], params: dict[str, Any], option: str, prefix: str = ""
 ) -> dict:
-    """``params`` checked against the signature of ``factory`` (a class or function): an
-    unknown key (where it takes no ``**kwargs``) or a value of the wrong type raises
-    ``typer.BadParameter`` naming ``option``, the key (after ``prefix``, e.g. ``"drise."``)
-    and what was expected; values come back
-    converted to the annotated type (``5`` for a float parameter becomes ``5.0``). Parameters
-    whose annotation pydantic cannot check (tensors, modules) are passed through."""
-    target = factory.__init__ if inspect.isclass(factory) else factory
-    signature = inspect.signature(target)
-    accepted = {n: p for n, p in signature.parameters.items() if n != "self"}
-    open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+    """``checked_params`` for the command line: a ``ParamError`` becomes
+    ``typer.BadParameter`` naming ``option`` and the key (after ``prefix``, e.g.
+    ``"drise."``)."""
     try:
-        hints = typing.get_type_hints(target)
-    except Exception:  # an annotation that does not resolve: check names only
-        hints = {}
-    out = dict(params)
-    for key, value in params.items():
-        if key not in accepted:
-            if open_ended:
-                continue
-            known = ", ".join(n for n, p in accepted.items() if p.kind is not p.VAR_POSITIONAL)
-            raise typer.BadParameter(
-                f"{option} {prefix}{key}: not a setting of {_name(factory)}; expected one of "
-                f"{known}"
-            )
-        if key not in hints:
-            continue
-        try:
-            adapter = TypeAdapter(hints[key])
-        except Exception:  # not a type pydantic validates: leave it to the plugin
-            continue
-        try:
-            out[key] = _validate(adapter, value)
-        except ValidationError as err:
-            hint = hints[key]
-            expected = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
-            reason = err.errors()[0]["msg"]
-            raise typer.BadParameter(
-                f"{option} {prefix}{key}={value!r}: expected {expected} ({reason})"
-            ) from err
-    return out
-
-
-def _validate(adapter: TypeAdapter, value: Any) -> Any:
-    """The value as the annotation wants it; a value that JSON read as a number or a boolean
-    (``layer=0``) is tried as its text too, where the annotation wants a string."""
-    try:
-        return adapter.validate_python(value)
-    except ValidationError:
-        if isinstance(value, str) or value is None:
-            raise
-        return adapter.validate_python(json.dumps(value))
+        return checked_params(factory, params)
+    except ParamError as err:
+        raise typer.BadParameter(f"{option} {prefix}{err}") from err
 
 
 @contextmanager
@@ -129,7 +83,3 @@ def output_folder(path: Path) -> Path:
         raise NotADirectoryError(f"{path} is a file; expected a folder (or a new path)")
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def _name(factory: Callable[..., Any]) -> str:
-    return getattr(factory, "__name__", type(factory).__name__)
