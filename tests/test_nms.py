@@ -157,5 +157,10 @@ def test_nms_loses_crowded_people_that_the_crowd_demo_detectors_find(name):
     runs = compare_strategies(detector, [val[i] for i in range(30)], ["none", "nms"])
     without, with_nms = runs["none"].report, runs["nms"].report
     assert with_nms.ap50 > 0.5
-    assert with_nms.recall_any["crowd"] < without.recall_any["crowd"] - 0.1
-    assert with_nms.recall_any["sparse"] > without.recall_any["sparse"] - 0.05
+    lost = {
+        split: without.recall_any[split] - with_nms.recall_any[split]
+        for split in ("crowd", "sparse")
+    }
+    # NMS at 0.5 loses people in crowds, and far more of them than of people standing apart
+    assert lost["crowd"] > 0.1
+    assert lost["crowd"] > lost["sparse"] + 0.1
