@@ -7,6 +7,8 @@ models over a small ResNet-like body with an FPN (levels "0", "1", "2", "pool" a
 The registered demo detectors ``synthetic-fcos`` and ``synthetic-frcnn`` are trained on first
 use with the ``baseline`` recipe on synthetic ``objects`` scenes and cached under
 ``<cache>/detectors/<name>/`` (``weights.pt`` and ``info.json`` with the validation AP).
+``small-fcos`` and ``small-frcnn`` register the same architectures untrained, or with the
+weights ``xaibench train`` wrote.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torchvision
@@ -33,6 +36,7 @@ from torchvision.models.detection.fcos import FCOSHead
 from torchvision.models.resnet import BasicBlock
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.misc import Conv2dNormActivation
+from xaibench.detectors.torchvision import load_checkpoint as load_weights_file
 from xaibench.detectors.torchvision import wrap
 from xaibench.detectors.training import BaselineConfig, CheckpointError, load_checkpoint, train
 
@@ -342,3 +346,35 @@ def synthetic_crowd_frcnn(
     """Small Faster R-CNN trained from scratch on synthetic crowds (one class, person), for
     comparing NMS strategies; cached in ``<cache_dir>/detectors/synthetic-crowd-frcnn/``."""
     return load_demo("synthetic-crowd-frcnn", cache_dir, device, retrain, progress)
+
+
+def _small_builder(build: Callable[..., nn.Module], name: str) -> Callable[..., Detector]:
+    def builder(
+        class_names: list[str] | None = None,
+        num_classes: int | None = None,
+        weights: str | Path | None = None,
+        device: str | torch.device | None = None,
+        seed: int = 0,
+        **model_kwargs: Any,
+    ) -> Detector:
+        """The demo detectors' architecture, untrained (torch seed ``seed``) or with a
+        checkpoint ``weights`` (a state dict, or a dict holding one under "model", such as
+        ``xaibench train`` writes); ``num_classes`` includes the background (default
+        ``len(class_names)``, else 4); ``model_kwargs`` go to the builder (``image_size``,
+        ``widths``, ``fpn_channels``, ...)."""
+        if num_classes is None:
+            num_classes = len(class_names) if class_names is not None else 4
+        if "widths" in model_kwargs:
+            model_kwargs["widths"] = tuple(model_kwargs["widths"])
+        torch.manual_seed(seed)
+        model = build(num_classes, **model_kwargs)
+        if weights is not None:
+            load_weights_file(model, Path(weights))
+        return wrap(model, class_names, name, device)
+
+    builder.__name__ = f"build_{name.replace('-', '_')}"
+    return builder
+
+
+DETECTORS.register("small-fcos", _small_builder(build_small_fcos, "small-fcos"))
+DETECTORS.register("small-frcnn", _small_builder(build_small_frcnn, "small-frcnn"))
