@@ -249,7 +249,6 @@ class LocalConvHead:
             raise ValueError(f"no cotangent for any head output; got {sorted(cotangents)}")
         return total
 
-    @torch.no_grad()
     def window_gradients(
         self,
         level: int,
@@ -258,6 +257,7 @@ class LocalConvHead:
         xs: torch.Tensor,
         cotangents: dict[str, torch.Tensor],
         records: dict[str, list[LevelRecord]],
+        create_graph: bool = False,
     ) -> WindowGradients:
         """d(sum_o cot[t, o] * out_o[y_t, x_t]) / d(level input) on each cell's window.
 
@@ -265,7 +265,25 @@ class LocalConvHead:
         pass being explained, on a level of ``shape`` (h, w). Gradients are
         (T, C, 2R+1, 2R+1) centred on (y_t, x_t), R = ``self.radius``; cells outside the
         level get zero gradient.
+
+        ``create_graph=True`` keeps the autograd graph of the gradients themselves (with
+        respect to the head's weights, the recorded forward pass and the cotangents), for
+        losses on heat maps (Odam-Train); the GroupNorm statistics term is then not measured
+        (``gn_error`` is zero).
         """
+        with torch.set_grad_enabled(create_graph):
+            return self._window_gradients(level, shape, ys, xs, cotangents, records, create_graph)
+
+    def _window_gradients(
+        self,
+        level: int,
+        shape: tuple[int, int],
+        ys: torch.Tensor,
+        xs: torch.Tensor,
+        cotangents: dict[str, torch.Tensor],
+        records: dict[str, list[LevelRecord]],
+        create_graph: bool,
+    ) -> WindowGradients:
         if not any(o in cotangents for b in self.branches.values() for o in b.outputs):
             raise ValueError(f"no cotangent for any head output; got {sorted(cotangents)}")
         total: torch.Tensor | None = None
@@ -280,7 +298,13 @@ class LocalConvHead:
                 continue
             leaves = list(zip(branch.tower, records[name][level].leaves, strict=True))
             g, err = self._branch_windows(
-                branch, leaves, shape, ys[runs], xs[runs], {o: cotangents[o][runs] for o in used}
+                branch,
+                leaves,
+                shape,
+                ys[runs],
+                xs[runs],
+                {o: cotangents[o][runs] for o in used},
+                statistics=not create_graph,
             )
             if len(runs) < len(ys):  # targets that share a backward pass, or have none
                 g = g[share.clamp(min=0)] * multiple[:, None, None, None]
@@ -292,7 +316,7 @@ class LocalConvHead:
             branch = next(iter(self.branches.values()))
             weight = next(iter(branch.outputs.values())).weight
             return WindowGradients(weight.new_zeros(len(ys), branch.in_channels, k, k), gn_error)
-        total = total.mul_(_inside_level(shape, ys, xs, self.radius, total))
+        total = total * _inside_level(shape, ys, xs, self.radius, total)
         return WindowGradients(total, gn_error)
 
     def _branch_windows(
@@ -303,9 +327,11 @@ class LocalConvHead:
         ys: torch.Tensor,
         xs: torch.Tensor,
         cotangents: dict[str, torch.Tensor],
+        statistics: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One branch's windowed input gradients (T, C, 2R+1, 2R+1) and its largest relative
-        GroupNorm statistics term per target (T,), for ``window_gradients``."""
+        GroupNorm statistics term per target (T,; zero without ``statistics``), for
+        ``window_gradients``. No operation is in place, so the result can carry a graph."""
         g = sum(
             F.conv_transpose2d(cot[:, :, None, None], branch.outputs[o].weight)
             for o, cot in cotangents.items()
@@ -317,7 +343,7 @@ class LocalConvHead:
         for m, leaf in reversed(leaves):
             if isinstance(leaf, ReluRecord):
                 relu_output = gather_windows(leaf.output, ys, xs, r)
-                g = g.masked_fill_(relu_output <= 0, 0)
+                g = g.masked_fill(relu_output <= 0, 0)
                 inside = True
                 continue
             following_relu, relu_output = relu_output, None
@@ -328,12 +354,12 @@ class LocalConvHead:
                 g = F.conv_transpose2d(g, m.weight)
                 r += m.kernel_size[0] // 2
                 inside = False
-            elif isinstance(leaf, GroupNormRecord):
+            elif isinstance(leaf, GroupNormRecord) and statistics:
                 gz = leaf.window_products(g, ys, xs, r, following_relu)
-                g = g.mul_(leaf.scale[None, :, None, None])
+                g = g * leaf.scale[None, :, None, None]
                 gn_error = torch.maximum(gn_error, _statistics_error(g, gz, leaf))
             elif isinstance(leaf, NormRecord):
-                g = g.mul_(leaf.scale[None, :, None, None])
+                g = g * leaf.scale[None, :, None, None]
         return _pad(g, self.radius - r), gn_error
 
     def level_parts(
@@ -479,13 +505,9 @@ def _statistics_error(g: torch.Tensor, gz: torch.Tensor, leaf: GroupNormRecord) 
 
 
 def gather_windows(fmap: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, r: int) -> torch.Tensor:
-    """Crops (T, C, 2r+1, 2r+1) of ``fmap`` (C, h, w) centred at (ys, xs), zeros outside."""
-    h, w = fmap.shape[-2:]
-    crops = fmap.new_zeros(len(ys), fmap.shape[0], 2 * r + 1, 2 * r + 1)
-    for crop, y, x in zip(crops, ys.tolist(), xs.tolist(), strict=True):
-        top, left = max(y - r, 0), max(x - r, 0)
-        bottom, right = min(y + r + 1, h), min(x + r + 1, w)
-        crop[:, top - y + r : bottom - y + r, left - x + r : right - x + r] = fmap[
-            :, top:bottom, left:right
-        ]
-    return crops
+    """Crops (T, C, 2r+1, 2r+1) of ``fmap`` (C, h, w) centred at (ys, xs), zeros outside
+    (one indexing operation, differentiable)."""
+    offsets = torch.arange(2 * r + 1, device=fmap.device)
+    rows = (ys.to(fmap.device)[:, None] + offsets)[:, :, None]
+    cols = (xs.to(fmap.device)[:, None] + offsets)[:, None, :]
+    return _pad(fmap, r)[:, rows, cols].permute(1, 0, 2, 3)

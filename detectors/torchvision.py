@@ -158,6 +158,24 @@ def _masking_hook(masks: torch.Tensor, geometry: InputGeometry) -> Callable[...,
 # ----------------------------------------------------------------------------------
 
 
+def one_stage_local_head(model: tvd.FCOS | tvd.RetinaNet) -> LocalConvHead:
+    """The head of a torchvision FCOS or RetinaNet as a ``LocalConvHead`` over its modules
+    (branches ``cls``: ``cls_logits``; ``reg``: ``bbox_reg`` and, for FCOS, ``bbox_ctrness``)."""
+    head = model.head
+    reg_outputs = {"bbox_reg": head.regression_head.bbox_reg}
+    if isinstance(model, tvd.FCOS):
+        reg_outputs["bbox_ctrness"] = head.regression_head.bbox_ctrness
+    return LocalConvHead(
+        {
+            "cls": Branch(
+                flatten_tower(head.classification_head.conv),
+                {"cls_logits": head.classification_head.cls_logits},
+            ),
+            "reg": Branch(flatten_tower(head.regression_head.conv), reg_outputs),
+        }
+    )
+
+
 class OneStageDetector(TorchvisionDetector):
     """FCOS or RetinaNet. Provenance: level, cell (y, x), anchor, class.
 
@@ -178,21 +196,9 @@ class OneStageDetector(TorchvisionDetector):
         super().__init__(model, **kwargs)
         self.gn_tolerance = gn_tolerance
         self.exact_level_cells = exact_level_cells
-        head = model.head
         self.is_fcos = isinstance(model, tvd.FCOS)
-        reg_outputs = {"bbox_reg": head.regression_head.bbox_reg}
-        if self.is_fcos:
-            reg_outputs["bbox_ctrness"] = head.regression_head.bbox_ctrness
-        self.local_head = LocalConvHead(
-            {
-                "cls": Branch(
-                    flatten_tower(head.classification_head.conv),
-                    {"cls_logits": head.classification_head.cls_logits},
-                ),
-                "reg": Branch(flatten_tower(head.regression_head.conv), reg_outputs),
-            }
-        )
-        self.num_anchors = head.classification_head.num_anchors
+        self.local_head = one_stage_local_head(model)
+        self.num_anchors = model.head.classification_head.num_anchors
 
     def _num_classes(self) -> int:
         return int(self.model.head.classification_head.num_classes)

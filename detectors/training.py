@@ -1,4 +1,5 @@
-"""The ``baseline`` recipe: plain supervised training of a torchvision detection model.
+"""The training loop shared by the recipes, and the ``baseline`` recipe: plain supervised
+training of a torchvision detection model.
 
 The model follows torchvision's detection API: in train mode ``model(images, targets)``
 returns a dict of losses, where images are float CHW tensors in [0, 1] and targets hold
@@ -10,7 +11,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -27,7 +28,11 @@ from xaibench.registry import RECIPES
 from xaibench.types import Sample
 
 CHECKPOINT_NAME = "last.pt"
-_RESUME_FREE_FIELDS = {"device", "checkpoint_every"}  # may differ between a run and its resume
+_RESUME_FREE_FIELDS = {
+    "device",
+    "checkpoint_every",
+    "amp",
+}  # may differ between a run and its resume
 
 
 class CheckpointError(RuntimeError):
@@ -60,6 +65,7 @@ class BaselineConfig(BaseModel):
     seed: int = 0
     device: str | None = Field(None, description="torch device; None: cuda if available")
     checkpoint_every: int = Field(0, ge=0, description="iterations; 0: only the final one")
+    amp: bool = Field(True, description="float16 autocast and loss scaling on CUDA (not CPU)")
 
     @model_validator(mode="before")
     @classmethod
@@ -193,6 +199,7 @@ def _resume(
     path: Path,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
     config: BaselineConfig,
     device: torch.device,
 ) -> tuple[int, list[float], float]:
@@ -209,6 +216,8 @@ def _resume(
         )
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
+    if scaler.is_enabled() and "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng"])
     if device.type == "cuda" and "cuda_rng" in state:
         torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -219,6 +228,7 @@ def _save(
     path: Path,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
     step: int,
     losses: list[float],
     seconds: float,
@@ -236,8 +246,22 @@ def _save(
     }
     if device.type == "cuda":
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    if scaler.is_enabled():
+        state["scaler"] = scaler.state_dict()
     with atomic_write(path) as tmp:
         torch.save(state, tmp)
+
+
+StepLosses = Callable[[nn.Module, list[torch.Tensor], list[dict[str, torch.Tensor]]], dict]
+"""A recipe's loss terms for one batch: ``(model in train mode, images, targets)`` ->
+``{name: scalar tensor}``, summed into the loss that is minimised."""
+
+
+def detector_losses(
+    model: nn.Module, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]]
+) -> dict[str, torch.Tensor]:
+    """The detector's own training losses (torchvision's ``model(images, targets)``)."""
+    return model(images, targets)
 
 
 @RECIPES.register("baseline")
@@ -249,31 +273,60 @@ def train(
     progress: bool = True,
     log_every: int = 0,
 ) -> TrainResult:
-    """Train ``model`` in place on ``dataset`` and return it in eval mode.
+    """Train ``model`` in place on ``dataset`` with its own losses and return it in eval
+    mode; see ``fit`` for checkpoints, progress and devices."""
+    return fit(
+        model,
+        dataset,
+        config or BaselineConfig(),
+        detector_losses,
+        "baseline",
+        checkpoint_dir,
+        progress,
+        log_every,
+    )
 
-    ``progress`` shows a tqdm bar (on stderr); ``log_every`` > 0 also writes one plain line
-    per that many steps to stderr (step, smoothed loss, seconds), for logs without a terminal.
 
-    With ``checkpoint_dir``, the model, optimizer, step and RNG state are written to
-    ``checkpoint_dir/last.pt`` every ``config.checkpoint_every`` steps and at the end, and a
-    run finding that file resumes from it; a resumed run ends with the same weights as an
+def fit(
+    model: nn.Module,
+    dataset: Sequence[Sample],
+    config: BaselineConfig,
+    step_losses: StepLosses,
+    name: str,
+    checkpoint_dir: str | Path | None = None,
+    progress: bool = True,
+    log_every: int = 0,
+) -> TrainResult:
+    """The training loop shared by the recipes: minimise the sum of ``step_losses`` of each
+    batch; ``model`` is trained in place and returned in eval mode.
+
+    Runs on ``config.device`` (None: CUDA if available, else the CPU); on CUDA with
+    ``config.amp`` the forward passes run under float16 autocast with loss scaling.
+    ``progress`` shows a tqdm bar (on stderr) with each smoothed loss term and the ETA;
+    ``log_every`` > 0 also writes one plain line per that many steps to stderr (step,
+    smoothed loss terms, seconds), for logs without a terminal.
+
+    With ``checkpoint_dir``, the model, optimizer, loss scaler, step and RNG state are written
+    to ``checkpoint_dir/last.pt`` every ``config.checkpoint_every`` steps and at the end, and
+    a run finding that file resumes from it; a resumed run ends with the same weights as an
     uninterrupted one. Data order and flips are a function of ``config.seed`` and the step;
     torch's global RNG (used inside the model, e.g. by RoI sampling) is seeded with it too.
     """
-    config = config or BaselineConfig()
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device).train()
     optimizer = _make_optimizer(model, config)
+    amp = config.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler(device.type, enabled=amp)
     total = config.total_iterations(len(dataset))
     path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
     torch.manual_seed(config.seed)
     step, losses, previous_seconds = 0, [], 0.0
     if path is not None and path.exists():
-        step, losses, previous_seconds = _resume(path, model, optimizer, config, device)
+        step, losses, previous_seconds = _resume(path, model, optimizer, scaler, config, device)
 
     start = time.perf_counter() - previous_seconds
-    smoothed = losses[-1] if losses else None
-    with tqdm(total=total, initial=step, desc="baseline", disable=not progress) as bar:
+    smoothed: dict[str, float] = {}
+    with tqdm(total=total, initial=step, desc=name, disable=not progress) as bar:
         while step < total:
             indices = batch_indices(step, config.batch_size, len(dataset), config.seed)
             flips = _flips(step, config.batch_size, config.hflip, config.seed)
@@ -285,31 +338,42 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = config.lr_at(step, total)
 
-            loss_dict = model(images, targets)
-            loss = sum(loss_dict.values())
+            with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+                loss_dict = step_losses(model, images, targets)
+                loss = sum(v.float() for v in loss_dict.values())
             if not torch.isfinite(loss):
                 parts = {k: round(float(v), 4) for k, v in loss_dict.items()}
                 raise FloatingPointError(f"loss is {float(loss)} at iteration {step}: {parts}")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
             if config.grad_clip is not None:
+                scaler.unscale_(optimizer)
                 nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
 
             step += 1
             losses.append(loss.item())
-            smoothed = losses[-1] if smoothed is None else 0.95 * smoothed + 0.05 * losses[-1]
-            bar.set_postfix(loss=f"{smoothed:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2g}")
+            terms = {"loss": losses[-1], **{k: float(v.detach()) for k, v in loss_dict.items()}}
+            smoothed = {
+                k: v if k not in smoothed else 0.95 * smoothed[k] + 0.05 * v
+                for k, v in terms.items()
+            }
+            shown = {_short(k): f"{v:.3f}" for k, v in smoothed.items()}
+            bar.set_postfix(shown, lr=f"{optimizer.param_groups[0]['lr']:.2g}")
             bar.update()
             if log_every and (step % log_every == 0 or step == total):
                 elapsed = time.perf_counter() - start
-                bar.write(
-                    f"baseline: step {step}/{total}, loss {smoothed:.3f}, {elapsed:.0f} s",
-                    file=sys.stderr,
-                )
+                line = ", ".join(f"{k} {v}" for k, v in shown.items())
+                bar.write(f"{name}: step {step}/{total}, {line}, {elapsed:.0f} s", file=sys.stderr)
             every = config.checkpoint_every
             if path is not None and (step == total or (every and step % every == 0)):
                 seconds = time.perf_counter() - start
-                _save(path, model, optimizer, step, losses, seconds, config, device)
+                _save(path, model, optimizer, scaler, step, losses, seconds, config, device)
     model.eval()
     return TrainResult(step, time.perf_counter() - start, losses, path)
+
+
+def _short(term: str) -> str:
+    """A loss term's name for the progress bar: torchvision's ``loss_`` prefix dropped."""
+    return term.removeprefix("loss_") if term != "loss" else term

@@ -7,6 +7,8 @@ models over a small ResNet-like body with an FPN (levels "0", "1", "2", "pool" a
 The registered demo detectors ``synthetic-fcos`` and ``synthetic-frcnn`` are trained on first
 use with the ``baseline`` recipe on synthetic ``objects`` scenes and cached under
 ``<cache>/detectors/<name>/`` (``weights.pt`` and ``info.json`` with the validation AP).
+``small-fcos`` and ``small-frcnn`` register the same architectures untrained, or with the
+weights ``xaibench train`` wrote.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torchvision
@@ -33,8 +36,10 @@ from torchvision.models.detection.fcos import FCOSHead
 from torchvision.models.resnet import BasicBlock
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.misc import Conv2dNormActivation
+from xaibench.detectors.odam_train import OdamTrainConfig
+from xaibench.detectors.torchvision import load_checkpoint as load_weights_file
 from xaibench.detectors.torchvision import wrap
-from xaibench.detectors.training import BaselineConfig, CheckpointError, load_checkpoint, train
+from xaibench.detectors.training import BaselineConfig, CheckpointError, load_checkpoint
 
 import xaibench
 from xaibench import cache
@@ -42,7 +47,7 @@ from xaibench.coco_eval import evaluate_coco
 from xaibench.datasets.coco import CocoDataset
 from xaibench.datasets.synthetic import CLASS_NAMES, CROWD_CLASS_NAMES, load_synthetic
 from xaibench.detector import Detector
-from xaibench.registry import DETECTORS
+from xaibench.registry import DETECTORS, RECIPES
 
 WIDTHS = (16, 32, 64, 96, 128)
 """Channels of the stem (stride 2) and of the four stages (strides 4, 8, 16, 32)."""
@@ -144,12 +149,14 @@ CROWD_DEMO_DATA = {"train": (2000, 0), "val": (200, 1)}
 
 @dataclass(frozen=True)
 class DemoSpec:
-    """How a demo detector is built (torch seed ``model_seed``) and trained."""
+    """How a demo detector is built (torch seed ``model_seed``) and trained (with the
+    registered recipe ``recipe`` and its ``config``)."""
 
     build: Callable[[int], nn.Module]
     config: BaselineConfig
     model_seed: int = 0
     mode: str = "objects"
+    recipe: str = "baseline"
 
     @property
     def class_names(self) -> list[str]:
@@ -160,6 +167,8 @@ class DemoSpec:
         return DEMO_DATA if self.mode == "objects" else CROWD_DEMO_DATA
 
 
+ODAM_TRAIN_ITERATIONS = {"objects": 2500, "crowd": 1250}
+"""Steps of the Odam-Train demo detectors (half the baselines')."""
 _ADAMW = {"optimizer": "adamw", "lr": 2e-3, "weight_decay": 0.05, "batch_size": 4}
 DEMOS: dict[str, DemoSpec] = {
     "synthetic-fcos": DemoSpec(build_small_fcos, BaselineConfig(iterations=5000, **_ADAMW)),
@@ -177,6 +186,24 @@ CROWD_DEMOS: dict[str, DemoSpec] = {
 }
 """The crowd demo detectors (one class, person), trained on the synthetic crowd split; half
 the objects demos' iterations (a crowd iteration costs 1.0-1.1 times an objects one)."""
+
+ODAM_TRAIN_DEMOS: dict[str, DemoSpec] = {
+    "synthetic-fcos-odamtrain": DemoSpec(
+        build_small_fcos,
+        OdamTrainConfig(iterations=ODAM_TRAIN_ITERATIONS["objects"], **_ADAMW),
+        recipe="odam-train",
+    ),
+    "synthetic-crowd-fcos-odamtrain": DemoSpec(
+        build_small_fcos,
+        OdamTrainConfig(iterations=ODAM_TRAIN_ITERATIONS["crowd"], **_ADAMW),
+        mode="crowd",
+        recipe="odam-train",
+    ),
+}
+"""The demo FCOS of each synthetic split trained with ``odam-train`` (reference weight 0.5)
+instead of ``baseline``, from the same initial weights and data, for comparing heat maps and
+Odam-NMS with and without Odam-Train; fewer steps than the baselines so that each trains in
+at most 10 CPU minutes (an Odam-Train step costs about twice a baseline one)."""
 
 
 def demo_data(cache_dir: str | Path | None = None, mode: str = "objects") -> dict[str, CocoDataset]:
@@ -207,7 +234,7 @@ def load_demo(
     them and trains from scratch. ``device`` is where it trains and runs (None: CUDA if
     available); ``progress`` shows the training progress bar.
     """
-    spec = {**DEMOS, **CROWD_DEMOS}[name]
+    spec = {**DEMOS, **CROWD_DEMOS, **ODAM_TRAIN_DEMOS}[name]
     root = Path(cache_dir) if cache_dir is not None else cache.cache_dir()
     weights = root / "detectors" / name / "weights.pt"
     if retrain:
@@ -250,13 +277,15 @@ def _train_demo(
         config = config.model_copy(update={"device": str(device)})
     checkpoints = folder / "checkpoints"
     log_every = 0 if progress else max(1, steps // 10)
-    result = train(model, data["train"], config, checkpoints, progress, log_every)
+    recipe = RECIPES.get(spec.recipe)
+    result = recipe(model, data["train"], config, checkpoints, progress, log_every)
     detector = wrap(model, spec.class_names, name, device)
     val = data["val"]
     started = time.perf_counter()
     metrics = evaluate_coco(detector.detect([val[i].image for i in range(len(val))]), val)
     info = {
         "name": name,
+        "recipe": spec.recipe,
         "val": {"AP": metrics["AP"], "AP50": metrics["AP50"], "AP75": metrics["AP75"]},
         "val_seconds": time.perf_counter() - started,
         "train_seconds": result.seconds,
@@ -342,3 +371,60 @@ def synthetic_crowd_frcnn(
     """Small Faster R-CNN trained from scratch on synthetic crowds (one class, person), for
     comparing NMS strategies; cached in ``<cache_dir>/detectors/synthetic-crowd-frcnn/``."""
     return load_demo("synthetic-crowd-frcnn", cache_dir, device, retrain, progress)
+
+
+def _small_builder(build: Callable[..., nn.Module], name: str) -> Callable[..., Detector]:
+    def builder(
+        class_names: list[str] | None = None,
+        num_classes: int | None = None,
+        weights: str | Path | None = None,
+        device: str | torch.device | None = None,
+        seed: int = 0,
+        **model_kwargs: Any,
+    ) -> Detector:
+        """The demo detectors' architecture, untrained (torch seed ``seed``) or with a
+        checkpoint ``weights`` (a state dict, or a dict holding one under "model", such as
+        ``xaibench train`` writes); ``num_classes`` includes the background (default
+        ``len(class_names)``, else 4); ``model_kwargs`` go to the builder (``image_size``,
+        ``widths``, ``fpn_channels``, ...)."""
+        if num_classes is None:
+            num_classes = len(class_names) if class_names is not None else 4
+        if "widths" in model_kwargs:
+            model_kwargs["widths"] = tuple(model_kwargs["widths"])
+        torch.manual_seed(seed)
+        model = build(num_classes, **model_kwargs)
+        if weights is not None:
+            load_weights_file(model, Path(weights))
+        return wrap(model, class_names, name, device)
+
+    builder.__name__ = f"build_{name.replace('-', '_')}"
+    return builder
+
+
+@DETECTORS.register("synthetic-fcos-odamtrain")
+def synthetic_fcos_odamtrain(
+    cache_dir: str | Path | None = None,
+    device: str | torch.device | None = None,
+    retrain: bool = False,
+    progress: bool = True,
+) -> Detector:
+    """``synthetic-fcos``'s architecture, initial weights and data, trained with Odam-Train
+    (``odam-train``, weight 0.5); cached in ``<cache_dir>/detectors/synthetic-fcos-odamtrain/``
+    (``load_demo``)."""
+    return load_demo("synthetic-fcos-odamtrain", cache_dir, device, retrain, progress)
+
+
+@DETECTORS.register("synthetic-crowd-fcos-odamtrain")
+def synthetic_crowd_fcos_odamtrain(
+    cache_dir: str | Path | None = None,
+    device: str | torch.device | None = None,
+    retrain: bool = False,
+    progress: bool = True,
+) -> Detector:
+    """``synthetic-crowd-fcos`` trained with Odam-Train instead (for Odam-NMS with and
+    without Odam-Train); cached in ``<cache_dir>/detectors/synthetic-crowd-fcos-odamtrain/``."""
+    return load_demo("synthetic-crowd-fcos-odamtrain", cache_dir, device, retrain, progress)
+
+
+DETECTORS.register("small-fcos", _small_builder(build_small_fcos, "small-fcos"))
+DETECTORS.register("small-frcnn", _small_builder(build_small_frcnn, "small-frcnn"))

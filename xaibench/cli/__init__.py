@@ -1,5 +1,5 @@
 """The ``xaibench`` command line: ``list``, ``data``, ``explain``, ``compare``, ``evaluate``,
-``run``, ``leaderboard``, ``nms``, ``demo``."""
+``run``, ``leaderboard``, ``nms``, ``demo``, ``train``."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from xaibench.cli.explain import explain
 from xaibench.cli.leaderboard import leaderboard
 from xaibench.cli.nms import nms
 from xaibench.cli.run import run
+from xaibench.cli.train import train
 from xaibench.registry import ALL_REGISTRIES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -26,6 +27,7 @@ app.command()(run)
 app.command()(nms)
 app.command()(demo)
 app.command()(leaderboard)
+app.command()(train)
 
 
 @app.command("list")
