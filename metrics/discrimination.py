@@ -77,9 +77,7 @@ class ObjectDiscrimination(RegionMetric):
         problems = map_problems(batch.maps, need_energy=True)
         values, reasons = {}, {}
         for kind in self.regions:
-            keep, regions = _objects(
-                batch.instances, kind, batch.image_size, self.box_convention
-            )
+            keep, regions = _objects(batch.instances, kind, batch.image_size, self.box_convention)
             missing_mask = kind == "mask" and any(batch.instances[i].mask is None for i in keep)
             why: list[str | None] = []
             for problem, g in zip(problems, batch.gt_index, strict=True):
