@@ -339,3 +339,21 @@ def test_a_store_without_the_convention_column_gains_it(tmp_path) -> None:
     columns = {row[1] for row in conn.execute("PRAGMA table_info(results)")}
     conn.close()
     assert "convention" in columns
+
+
+def test_the_command_line_lists_presets_and_refuses_an_unknown_one(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from xaibench.cli import app
+
+    runner = CliRunner()
+    listed = runner.invoke(app, ["list", "--kind", "presets"])
+    assert listed.exit_code == 0 and "paper" in listed.output
+    tiny_suite(tmp_path, None)
+    result = runner.invoke(
+        app, ["run", str(tmp_path / "tiny.yaml"), "--preset", "papr", "--no-progress"]
+    )
+    output = " ".join(result.output.split())  # rich wraps long lines
+    assert result.exit_code == 2
+    assert "unknown presets 'papr'" in output and "Known presets: paper" in output
+    assert not (tmp_path / "store" / STORE_FILE).exists()  # refused before any work
