@@ -204,6 +204,7 @@ class _PerturbationMetric(Metric):
 
     mode: ClassVar[Mode]
     needs = "model"
+    zero_start = False
 
     def __init__(
         self,
@@ -217,8 +218,6 @@ class _PerturbationMetric(Metric):
     ) -> None:
         self.curves = PerturbationCurves(protocol, steps, eval_every, iou_thresh, seed, batch_size)
         self.normalise = self.mode == "deletion" if normalise is None else normalise
-
-    zero_start = False
 
     def params(self) -> dict[str, object]:
         return {**self.curves.params(), "normalise": self.normalise}
