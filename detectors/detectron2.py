@@ -33,7 +33,7 @@ from xaibench.detectors.geometry import InputGeometry
 from xaibench.detectors.local_head import GN_TOLERANCE, Branch, LocalConvHead, flatten_tower
 
 from xaibench.detector import Detector
-from xaibench.images import to_rgb_uint8
+from xaibench.images import to_rgb_float, to_rgb_uint8
 from xaibench.types import Detections, Provenance
 
 INSTALL_HINT = (
@@ -147,7 +147,11 @@ class Detectron2Detector(Detector):
         """detectron2 input dicts, exactly as ``DefaultPredictor`` builds them."""
         inputs = []
         for i, image in enumerate(images):
-            rgb = to_rgb_uint8(image, name=f"images[{i}]")
+            if np.issubdtype(np.asarray(image).dtype, np.floating):
+                # [0, 1] kept unrounded: detectron2 resizes float images with torch, not PIL
+                rgb = to_rgb_float(image, name=f"images[{i}]") * np.float32(255.0)
+            else:
+                rgb = to_rgb_uint8(image, name=f"images[{i}]")
             pixels = rgb[:, :, ::-1] if self.input_format == "BGR" else rgb
             resized = self.resize.get_transform(pixels).apply_image(pixels)
             tensor = torch.as_tensor(resized.astype("float32").transpose(2, 0, 1))

@@ -7,9 +7,10 @@ object's evidence region:
     e_k     = mean over the pixels (x, y) of region_k of  sum_c colour_k[c] * I[y, x, c] / 255
     score_k = sigmoid(gain_k * e_k + bias_k)
 
-I is the uint8 RGB image, c runs over R, G, B and regions are xyxy pixel boxes on the
-``stride`` grid (x1 <= x < x2, y1 <= y < y2). With the defaults (colour = (1/3, 1/3, 1/3),
-gain 10, bias -5) a black region scores sigmoid(-5) = 0.0067, a white one sigmoid(5) = 0.9933.
+I is the uint8 RGB image (a float image F in [0, 1] counts as I = 255 F, unrounded), c runs
+over R, G, B and regions are xyxy pixel boxes on the ``stride`` grid (x1 <= x < x2,
+y1 <= y < y2). With the defaults (colour = (1/3, 1/3, 1/3), gain 10, bias -5) a black region
+scores sigmoid(-5) = 0.0067, a white one sigmoid(5) = 0.9933.
 
 The network is a single feature layer ``p1`` = average pooling of the image (scaled to
 [0, 1], zero-padded at the bottom and right to a multiple of ``stride``) with kernel and
@@ -39,7 +40,7 @@ from xaibench.detectors.feature_masks import check_masks, masks_to_layer
 from xaibench.detectors.geometry import InputGeometry
 
 from xaibench.detector import Detector, FeatureWindows, GradientMode, WhiteBoxTrace
-from xaibench.images import to_rgb_uint8
+from xaibench.images import to_rgb_float, to_rgb_uint8
 from xaibench.registry import DETECTORS
 from xaibench.types import Detections, Provenance, Target
 
@@ -146,6 +147,8 @@ class EvidenceDetector(Detector):
                 )
 
     def _tensor(self, image: np.ndarray, name: str) -> torch.Tensor:
+        if np.issubdtype(np.asarray(image).dtype, np.floating):  # [0, 1], kept unrounded
+            return torch.from_numpy(to_rgb_float(image, name=name)).permute(2, 0, 1)
         rgb = to_rgb_uint8(image, name=name)
         return torch.from_numpy(np.array(rgb, dtype=np.float32)).permute(2, 0, 1).div(255)
 

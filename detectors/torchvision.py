@@ -35,7 +35,7 @@ from xaibench.detectors.weights import pretrained, warn_random
 from xaibench.detectors.windows import WindowedTrace
 
 from xaibench.detector import Detector, FeatureWindows
-from xaibench.images import to_rgb_uint8
+from xaibench.images import to_rgb_float, to_rgb_uint8
 from xaibench.registry import DETECTORS
 from xaibench.types import ATTRIBUTES, Detections, Provenance, Target
 
@@ -89,6 +89,10 @@ class TorchvisionDetector(Detector):
     def _to_tensors(self, images: Sequence[np.ndarray]) -> list[torch.Tensor]:
         out = []
         for i, image in enumerate(images):
+            if np.issubdtype(np.asarray(image).dtype, np.floating):  # [0, 1], kept unrounded
+                rgb01 = to_rgb_float(image, name=f"images[{i}]")
+                out.append(torch.tensor(rgb01).permute(2, 0, 1).to(self.device))
+                continue
             rgb = to_rgb_uint8(image, name=f"images[{i}]")
             t = torch.tensor(rgb).permute(2, 0, 1)  # a copy: the array may be read-only
             out.append(t.to(self.device, dtype=torch.float32).div_(255.0))

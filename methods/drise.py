@@ -2,7 +2,11 @@
 
 Masks (RISE): N binary grids of s x s cells, each cell on with probability p, upsampled
 (bilinearly by default) to (s + 1) cells of ceil(H / s) x ceil(W / s) pixels and cropped to
-H x W at a random shift of less than one cell. The masked image is round(image * mask).
+H x W at a random shift of less than one cell. The masked image (``masking``) is
+``"uint8"`` (default): round(image * mask) as uint8, or ``"float"`` (DESIGN.md, the Microsoft
+implementation): the float product image / 255 * mask in [0, 1], handed to the detector
+unrounded (``Detector.detect`` accepts float images; a wrapper that quantises them to uint8
+gives the ``"uint8"`` numbers).
 
 Weights: for target detection d_t and the detections d_j of a masked image,
 w = max_j IoU(box_t, box_j) * cos(class_probs_t, class_probs_j) * objectness_j
@@ -15,7 +19,7 @@ Every target of an image is explained from the same masks and the same detector 
 detection's map does not depend on the target's attribute (D-RISE explains the box and the
 class together). ``drise-feature`` applies the masks to a feature layer instead of the pixels
 (the feature-drift study): the layer is multiplied by each mask resized to it, the rest of the
-network re-runs, and the map is returned in image pixels.
+network re-runs, and the map is returned in image pixels (``masking`` does not apply).
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ from xaibench.registry import METHODS
 from xaibench.types import Detections, Saliency, Target
 
 Upsample = Literal["bilinear", "nearest", "bicubic"]
+Masking = Literal["uint8", "float"]
+MASKINGS: tuple[str, ...] = ("uint8", "float")
 
 
 class RandomMasks:
@@ -149,6 +155,7 @@ class DRISE(ExplanationMethod):
     n, grid, p: N masks on an s x s grid with cells on at probability p (paper: 5000, 16, 0.5).
     seed: the masks' seed. upsample: bilinear (paper) | nearest | bicubic. objectness: multiply
     by the detections' objectness. mean_subtraction: subtract mean(w) * sum M (signed maps).
+    masking: masked images rounded to ``"uint8"`` or kept ``"float"`` (module docstring).
     masks: (N, h, w) in [0, 1] supplied by the caller instead (n, grid, p, seed, upsample then
     unused). batch_size: masked images per detector call. tolerance: stop early once the map
     per mask, checked every ``check_every`` masks (after ``min_masks``), changes by less than
@@ -168,6 +175,7 @@ class DRISE(ExplanationMethod):
         upsample: Upsample = "bilinear",
         objectness: bool = True,
         mean_subtraction: bool = False,
+        masking: Masking = "uint8",
         masks: np.ndarray | torch.Tensor | None = None,
         batch_size: int = 32,
         tolerance: float | None = None,
@@ -182,6 +190,9 @@ class DRISE(ExplanationMethod):
         if tolerance is not None and tolerance <= 0:
             raise ValueError(f"tolerance must be > 0 or None, got {tolerance}")
         check_mask_settings(n, grid, p, upsample)
+        if masking not in MASKINGS:
+            raise ValueError(f"masking must be one of {', '.join(MASKINGS)}; got {masking!r}")
+        self.masking = masking
         self.n, self.grid, self.p, self.seed, self.upsample = n, grid, p, seed, upsample
         self.objectness = objectness
         self.mean_subtraction = mean_subtraction
@@ -203,10 +214,14 @@ class DRISE(ExplanationMethod):
             "masks": "given" if given else "generated",
             "objectness": self.objectness,
             "mean_subtraction": self.mean_subtraction,
+            "masking": self.masking,
             "signed": self.mean_subtraction,
             "batch_size": self.batch_size,
             "tolerance": self.tolerance,
         }
+
+    def conventions(self) -> dict[str, str]:
+        return {"drise_masking": self.masking}
 
     def mask_set(self, image_size: tuple[int, int]) -> RandomMasks | GivenMasks:
         """The masks this method uses on an image of ``image_size`` (H, W)."""
@@ -219,10 +234,14 @@ class DRISE(ExplanationMethod):
     ) -> Callable[[torch.Tensor], list[Detections]]:
         """Detections of the image under each mask of a batch (B, H, W)."""
         pixels = torch.from_numpy(np.array(image, dtype=np.float32))
+        if self.masking == "float":
+            pixels = pixels / 255.0
 
         def run(masks: torch.Tensor) -> list[Detections]:
-            masked = (pixels[None] * masks[..., None]).round_().to(torch.uint8).numpy()
-            return detector.detect(list(masked), batch_size=self.batch_size)
+            masked = pixels[None] * masks[..., None]
+            if self.masking == "uint8":
+                masked = masked.round_().to(torch.uint8)
+            return detector.detect(list(masked.numpy()), batch_size=self.batch_size)
 
         return run
 
@@ -323,6 +342,9 @@ class FeatureDRISE(DRISE):
 
     def params(self) -> dict[str, Any]:
         return {**super().params(), "layer": self.layer}
+
+    def conventions(self) -> dict[str, str]:
+        return {}  # the masks multiply a feature layer: no image is rounded
 
     def perturbed_detections(
         self, detector: Detector, image: np.ndarray, trace: WhiteBoxTrace | None

@@ -13,6 +13,7 @@ from typing import ClassVar
 
 import numpy as np
 from xaibench.metrics.regions import (
+    BoxConvention,
     RegionKind,
     RegionMetric,
     first_reason,
@@ -43,20 +44,26 @@ def object_discrimination_index(
 
 
 def _objects(
-    instances: Sequence[Instance], kind: RegionKind, size: tuple[int, int]
+    instances: Sequence[Instance],
+    kind: RegionKind,
+    size: tuple[int, int],
+    convention: BoxConvention = "centre",
 ) -> tuple[list[int], np.ndarray]:
-    """Indices of the non-crowd instances and their regions (K, H, W)."""
+    """Indices of the non-crowd instances and their regions (K, H, W), boxes rasterised by
+    ``convention``."""
     keep = [i for i, inst in enumerate(instances) if not inst.ignore]
     regions = np.zeros((len(keep), *size), dtype=bool)
     for row, i in enumerate(keep):
-        regions[row] = instance_region(instances[i], kind, size)
+        regions[row] = instance_region(instances[i], kind, size, convention)
     return keep, regions
 
 
 @METRICS.register("odi")
 class ObjectDiscrimination(RegionMetric):
     """ODI with ground-truth boxes (``odi_box``) or masks (``odi_mask``); lower is better.
-    The mask variant needs every non-crowd instance of the image to have a mask."""
+    The mask variant needs every non-crowd instance of the image to have a mask. Box pixels
+    by ``box_convention``: ``"centre"`` (pixel centres inside) or ``"odam"`` (official
+    script: every pixel a box touches)."""
 
     name = "odi"
     higher_is_better: ClassVar[dict[str, bool]] = {"odi_box": False, "odi_mask": False}
@@ -70,7 +77,7 @@ class ObjectDiscrimination(RegionMetric):
         problems = map_problems(batch.maps, need_energy=True)
         values, reasons = {}, {}
         for kind in self.regions:
-            keep, regions = _objects(batch.instances, kind, batch.image_size)
+            keep, regions = _objects(batch.instances, kind, batch.image_size, self.box_convention)
             missing_mask = kind == "mask" and any(batch.instances[i].mask is None for i in keep)
             why: list[str | None] = []
             for problem, g in zip(problems, batch.gt_index, strict=True):

@@ -15,13 +15,17 @@ step-0 score (the unperturbed image); AUC = trapezoid over x = step / steps in [
 
 ``whole-image`` protocol (RISE-style): the steps cover all H * W pixels (ceil(H * W / steps)
 pixels each) and deletion replaces pixels by black (the zero baseline).
+
+Insertion's step-0 score (``start``): ``"detector"`` (default) runs the detector on the black
+image, so a detector that scores black above zero raises the whole curve's start;
+``"zero"`` (the official ``eval_insert``) sets it to 0 without running the detector.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -38,6 +42,8 @@ from xaibench.types import Detections
 Mode = Literal["deletion", "insertion"]
 Protocol = Literal["odam", "whole-image"]
 PROTOCOLS: tuple[str, ...] = ("odam", "whole-image")
+Start = Literal["detector", "zero"]
+STARTS: tuple[str, ...] = ("detector", "zero")
 
 
 def pixel_ranking(heat: np.ndarray) -> np.ndarray:
@@ -76,6 +82,7 @@ class PerturbationCurves:
     ``scores(detector, image, maps, boxes, labels, modes)`` returns, per mode, the raw target
     scores (N, P) at steps 0, eval_every, ..., steps (P points); the images of step 0 (and of
     the last step when it covers the whole image) are the same for every map and run once.
+    ``zero_start`` sets step 0 to 0 instead (no detector run; the official insertion).
     """
 
     def __init__(
@@ -143,9 +150,10 @@ class PerturbationCurves:
         boxes: np.ndarray,
         labels: np.ndarray,
         modes: Sequence[Mode] = ("deletion", "insertion"),
+        zero_start: bool = False,
     ) -> dict[str, np.ndarray]:
         """Raw target scores (N, P) per mode; maps (N, H, W), reference boxes (N, 4) xyxy,
-        labels (N,)."""
+        labels (N,). ``zero_start``: step 0 scores 0 (the detector does not run on it)."""
         size = (int(image.shape[0]), int(image.shape[1]))
         total = size[0] * size[1]
         rankings = [pixel_ranking(m) for m in maps]
@@ -157,6 +165,9 @@ class PerturbationCurves:
             table = np.zeros((len(maps), len(self.x)), dtype=np.int64)
             for row, box in enumerate(boxes):
                 for p, count in enumerate(self.counts(box, size)):
+                    if zero_start and p == 0:
+                        table[row, p] = -1
+                        continue
                     shared = count == 0 or count == total
                     key = (mode, -1 if shared else row, int(count))
                     table[row, p] = jobs.setdefault(key, len(jobs))
@@ -179,6 +190,8 @@ class PerturbationCurves:
             values = np.zeros(table.shape)
             for row in range(table.shape[0]):
                 for p in range(table.shape[1]):
+                    if table[row, p] < 0:
+                        continue  # a zero start
                     det = raw[table[row, p]]
                     values[row, p] = target_score(det, boxes[row], labels[row], self.iou_thresh)
             out_scores[mode] = values
@@ -186,10 +199,12 @@ class PerturbationCurves:
 
 
 class _PerturbationMetric(Metric):
-    """Deletion or insertion as a registered metric (column and curve named after it)."""
+    """Deletion or insertion as a registered metric (column and curve named after it);
+    ``zero_start``: step 0 scores 0 without a detector run."""
 
     mode: ClassVar[Mode]
     needs = "model"
+    zero_start = False
 
     def __init__(
         self,
@@ -228,6 +243,7 @@ class _PerturbationMetric(Metric):
                 batch.reference_boxes[ok],
                 batch.labels[ok],
                 (self.mode,),
+                self.zero_start,
             )[self.mode]
             if self.normalise:
                 start = scores[:, :1]
@@ -260,8 +276,28 @@ class Deletion(_PerturbationMetric):
 @METRICS.register("insertion")
 class Insertion(_PerturbationMetric):
     """Insertion AUC x 100 (column and curve ``insertion``); higher is better. The curve is
-    the raw score (``normalise=True`` divides it by the step-0 score)."""
+    the raw score (``normalise=True`` divides it by the step-0 score). ``start``: the step-0
+    score is the detector's on the black image (``"detector"``) or 0 (``"zero"``, the
+    official ``eval_insert``; it cannot be combined with ``normalise=True``)."""
 
     name = "insertion"
     mode = "insertion"
     higher_is_better: ClassVar[dict[str, bool]] = {"insertion": True}
+
+    def __init__(self, *args: Any, start: str = "detector", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if start not in STARTS:
+            raise ValueError(f"start must be one of {', '.join(STARTS)}; got {start!r}")
+        if start == "zero" and self.normalise:
+            raise ValueError(
+                "start='zero' makes the step-0 score 0, so normalise=True (dividing by it) "
+                "is undefined; use one or the other"
+            )
+        self.start: Start = start  # type: ignore[assignment]
+        self.zero_start = start == "zero"
+
+    def params(self) -> dict[str, object]:
+        return {**super().params(), "start": self.start}
+
+    def conventions(self) -> dict[str, str]:
+        return {"insertion_start": self.start}

@@ -14,8 +14,10 @@ from typing import ClassVar
 import numpy as np
 from scipy.integrate import trapezoid
 from xaibench.metrics.regions import (
+    BoxConvention,
     RegionKind,
     RegionMetric,
+    check_box_convention,
     check_region_kinds,
     first_reason,
     map_problems,
@@ -99,12 +101,15 @@ def _per_region(
     prefix: str,
     score,
     problems: list[str | None],
+    convention: BoxConvention = "centre",
+    pointing: bool = False,
 ) -> MetricResult:
-    """Columns ``<prefix>_<kind>`` of ``score(maps, regions)`` with NaN where undefined."""
+    """Columns ``<prefix>_<kind>`` of ``score(maps, regions)`` with NaN where undefined;
+    box regions by ``convention`` (``pointing``: the pointing game's)."""
     values, reasons = {}, {}
     for kind in kinds:
         regions, region_reasons = target_regions(
-            batch.instances, batch.gt_index, kind, batch.image_size
+            batch.instances, batch.gt_index, kind, batch.image_size, convention, pointing
         )
         why = [first_reason(p, r) for p, r in zip(problems, region_reasons, strict=True)]
         values[f"{prefix}_{kind}"] = where_defined(why, score, batch.maps, regions)
@@ -115,7 +120,9 @@ def _per_region(
 @METRICS.register("pointing-game")
 class PointingGame(RegionMetric):
     """Pointing game: 1 if the map's maximum lies in the ground-truth box (``pg_box``) or
-    mask (``pg_mask``), else 0; higher is better."""
+    mask (``pg_mask``), else 0; higher is better. ``box_convention="centre"``: the peak
+    pixel's centre lies in the box, edges included; ``"odam"`` (official script): its indices
+    (c, r) satisfy x1 < c < x2 and y1 < r < y2."""
 
     name = "pointing-game"
     higher_is_better: ClassVar[dict[str, bool]] = {"pg_box": True, "pg_mask": True}
@@ -127,13 +134,17 @@ class PointingGame(RegionMetric):
         method: ExplanationMethod | None = None,
     ) -> MetricResult:
         problems = map_problems(batch.maps, need_peak=True)
-        return _per_region(batch, self.regions, "pg", pointing_game, problems)
+        return _per_region(
+            batch, self.regions, "pg", pointing_game, problems, self.box_convention, True
+        )
 
 
 @METRICS.register("energy-pg")
 class EnergyPointingGame(RegionMetric):
     """Energy-based pointing game: sum(H * M) / sum(H), M the ground-truth box (``epg_box``)
-    or mask (``epg_mask``); higher is better."""
+    or mask (``epg_mask``); higher is better. Box pixels by ``box_convention``: ``"centre"``
+    (pixel centres inside) or ``"odam"`` (official script: floor(x1)..ceil(x2) - 1, every
+    pixel the box touches)."""
 
     name = "energy-pg"
     higher_is_better: ClassVar[dict[str, bool]] = {"epg_box": True, "epg_mask": True}
@@ -145,7 +156,9 @@ class EnergyPointingGame(RegionMetric):
         method: ExplanationMethod | None = None,
     ) -> MetricResult:
         problems = map_problems(batch.maps, need_energy=True)
-        return _per_region(batch, self.regions, "epg", energy_pointing_game, problems)
+        return _per_region(
+            batch, self.regions, "epg", energy_pointing_game, problems, self.box_convention
+        )
 
 
 @METRICS.register("compactness")
@@ -176,16 +189,22 @@ class Compactness(Metric):
 class VisualExplanationAccuracy(Metric):
     """VEA: IoU of the min-max normalised map thresholded at t = 0.1..0.9 with the
     ground-truth mask (``region="box"``: the box); column ``vea`` is the curve's trapezoid
-    area over t (not rescaled, at most 0.8), curve ``vea`` the IoUs; higher is better."""
+    area over t (not rescaled, at most 0.8), curve ``vea`` the IoUs; higher is better.
+    ``box_convention`` (``"centre"`` or ``"odam"``, see ``regions``) rasterises the box of
+    ``region="box"``."""
 
     name = "vea"
     higher_is_better: ClassVar[dict[str, bool]] = {"vea": True}
 
-    def __init__(self, region: str = "mask") -> None:
+    def __init__(self, region: str = "mask", box_convention: str = "centre") -> None:
         (self.region,) = check_region_kinds((region,))
+        self.box_convention = check_box_convention(box_convention)
 
     def params(self) -> dict[str, object]:
-        return {"region": self.region}
+        return {"region": self.region, "box_convention": self.box_convention}
+
+    def conventions(self) -> dict[str, str]:
+        return {"box_convention": self.box_convention} if self.region == "box" else {}
 
     def compute(
         self,
@@ -195,7 +214,7 @@ class VisualExplanationAccuracy(Metric):
     ) -> MetricResult:
         problems = map_problems(batch.maps, need_peak=True)
         regions, region_reasons = target_regions(
-            batch.instances, batch.gt_index, self.region, batch.image_size
+            batch.instances, batch.gt_index, self.region, batch.image_size, self.box_convention
         )
         why = [first_reason(p, r) for p, r in zip(problems, region_reasons, strict=True)]
         curve = where_defined(why, vea_curve, batch.maps, regions, shape=(len(VEA_THRESHOLDS),))

@@ -1,8 +1,17 @@
 """Ground-truth regions as pixel masks, and the checks every heat map goes through.
 
-A pixel (row r, column c) covers [c, c + 1) x [r, r + 1) in original-image coordinates; it is
-inside a box (xyxy, original pixels) when its centre (c + 0.5, r + 0.5) is, edges included,
-so a box with integer corners covers exactly (x2 - x1) * (y2 - y1) pixels.
+A pixel (row r, column c) covers [c, c + 1) x [r, r + 1) in original-image coordinates. Which
+pixels a box (xyxy, original pixels) holds is the ``box_convention`` of the region metrics:
+
+- ``"centre"`` (default): a pixel is inside when its centre (c + 0.5, r + 0.5) is, edges
+  included, so a box with integer corners covers exactly (x2 - x1) * (y2 - y1) pixels;
+- ``"odam"`` (the official ODAM evaluation scripts): every pixel the box touches, columns
+  floor(x1) <= c < ceil(x2) and rows floor(y1) <= r < ceil(y2) (clipped to the image), for
+  energy PG, ODI and box VEA; the pointing game instead hits when the peak's pixel indices lie
+  strictly inside the box, x1 < c < x2 and y1 < r < y2 (``box_interior_masks``).
+
+Both agree on boxes with integer corners except the pointing game's left and top pixel
+column and row (index c = x1 is a hit by centre, a miss by strict inequality).
 """
 
 from __future__ import annotations
@@ -16,6 +25,17 @@ from xaibench.metric import Metric
 from xaibench.types import Instance
 
 RegionKind = Literal["box", "mask"]
+BoxConvention = Literal["centre", "odam"]
+BOX_CONVENTIONS: tuple[str, ...] = ("centre", "odam")
+
+
+def check_box_convention(convention: str) -> BoxConvention:
+    """``convention`` if it is one of ``BOX_CONVENTIONS``, else ValueError."""
+    if convention not in BOX_CONVENTIONS:
+        raise ValueError(
+            f"box_convention must be one of {', '.join(BOX_CONVENTIONS)}; got {convention!r}"
+        )
+    return convention  # type: ignore[return-value]
 
 
 def check_region_kinds(kinds: tuple[str, ...]) -> tuple[RegionKind, ...]:
@@ -28,24 +48,50 @@ def check_region_kinds(kinds: tuple[str, ...]) -> tuple[RegionKind, ...]:
     return tuple(kinds)  # type: ignore[return-value]
 
 
-def box_masks(boxes: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """(N, H, W) bool: the pixels whose centres lie in each box (N, 4) xyxy; NaN boxes give
-    empty masks."""
+def box_masks(
+    boxes: np.ndarray, size: tuple[int, int], convention: BoxConvention = "centre"
+) -> np.ndarray:
+    """(N, H, W) bool: the pixels of each box (N, 4) xyxy, by ``convention`` (module
+    docstring: pixel centres inside, or ``"odam"``: every pixel the box touches); NaN boxes
+    give empty masks."""
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     height, width = size
-    cx = np.arange(width) + 0.5
-    cy = np.arange(height) + 0.5
+    cx, cy = np.arange(width), np.arange(height)
     with np.errstate(invalid="ignore"):
-        in_x = (cx[None] >= boxes[:, 0:1]) & (cx[None] <= boxes[:, 2:3])  # (N, W)
-        in_y = (cy[None] >= boxes[:, 1:2]) & (cy[None] <= boxes[:, 3:4])  # (N, H)
+        if check_box_convention(convention) == "centre":
+            in_x = (cx[None] + 0.5 >= boxes[:, 0:1]) & (cx[None] + 0.5 <= boxes[:, 2:3])
+            in_y = (cy[None] + 0.5 >= boxes[:, 1:2]) & (cy[None] + 0.5 <= boxes[:, 3:4])
+        else:
+            in_x = (cx[None] >= np.floor(boxes[:, 0:1])) & (cx[None] < np.ceil(boxes[:, 2:3]))
+            in_y = (cy[None] >= np.floor(boxes[:, 1:2])) & (cy[None] < np.ceil(boxes[:, 3:4]))
+    return in_y[:, :, None] & in_x[:, None, :]  # (N, H, W) from (N, H) and (N, W)
+
+
+def box_interior_masks(boxes: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(N, H, W) bool: the pixels whose indices (c, r) lie strictly inside each box (N, 4)
+    xyxy, x1 < c < x2 and y1 < r < y2 (the official ODAM pointing game)."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    cx, cy = np.arange(size[1]), np.arange(size[0])
+    with np.errstate(invalid="ignore"):
+        in_x = (cx[None] > boxes[:, 0:1]) & (cx[None] < boxes[:, 2:3])
+        in_y = (cy[None] > boxes[:, 1:2]) & (cy[None] < boxes[:, 3:4])
     return in_y[:, :, None] & in_x[:, None, :]
 
 
-def instance_region(instance: Instance, kind: RegionKind, size: tuple[int, int]) -> np.ndarray:
-    """(H, W) bool region of a ground-truth instance: its box or its mask (all False when the
-    instance has no mask)."""
+def instance_region(
+    instance: Instance,
+    kind: RegionKind,
+    size: tuple[int, int],
+    convention: BoxConvention = "centre",
+    pointing: bool = False,
+) -> np.ndarray:
+    """(H, W) bool region of a ground-truth instance: its box (pixels by ``convention``;
+    ``pointing`` with ``"odam"``: the strict interior of the pointing game) or its mask (all
+    False when the instance has no mask)."""
     if kind == "box":
-        return box_masks(instance.box[None], size)[0]
+        if pointing and check_box_convention(convention) == "odam":
+            return box_interior_masks(instance.box[None], size)[0]
+        return box_masks(instance.box[None], size, convention)[0]
     if kind != "mask":
         raise ValueError(f"region kind must be 'box' or 'mask', got {kind!r}")
     if instance.mask is None:
@@ -59,10 +105,15 @@ def instance_region(instance: Instance, kind: RegionKind, size: tuple[int, int])
 
 
 def target_regions(
-    instances: Sequence[Instance], gt_index: np.ndarray, kind: RegionKind, size: tuple[int, int]
+    instances: Sequence[Instance],
+    gt_index: np.ndarray,
+    kind: RegionKind,
+    size: tuple[int, int],
+    convention: BoxConvention = "centre",
+    pointing: bool = False,
 ) -> tuple[np.ndarray, list[str | None]]:
-    """(N, H, W) bool region of each target's ground truth, and per row the reason it cannot
-    be used (no ground truth, no mask, empty region) or None."""
+    """(N, H, W) bool region of each target's ground truth (``instance_region``), and per row
+    the reason it cannot be used (no ground truth, no mask, empty region) or None."""
     regions = np.zeros((len(gt_index), *size), dtype=bool)
     reasons: list[str | None] = []
     for row, g in enumerate(gt_index):
@@ -73,7 +124,7 @@ def target_regions(
         if kind == "mask" and inst.mask is None:
             reasons.append("ground-truth instance has no mask")
             continue
-        regions[row] = instance_region(inst, kind, size)
+        regions[row] = instance_region(inst, kind, size, convention, pointing)
         reasons.append(None if regions[row].any() else f"ground-truth {kind} covers no pixel")
     return regions, reasons
 
@@ -128,10 +179,17 @@ def where_defined(
 
 class RegionMetric(Metric):
     """Base of the metrics measured against each target's ground-truth box and/or mask
-    (``regions``: any of "box", "mask")."""
+    (``regions``: any of "box", "mask"); ``box_convention`` says which pixels a box holds
+    (module docstring: ``"centre"`` or the official ``"odam"``)."""
 
-    def __init__(self, regions: tuple[str, ...] = ("box", "mask")) -> None:
+    def __init__(
+        self, regions: tuple[str, ...] = ("box", "mask"), box_convention: str = "centre"
+    ) -> None:
         self.regions = check_region_kinds(tuple(regions))
+        self.box_convention = check_box_convention(box_convention)
 
     def params(self) -> dict[str, object]:
-        return {"regions": list(self.regions)}
+        return {"regions": list(self.regions), "box_convention": self.box_convention}
+
+    def conventions(self) -> dict[str, str]:
+        return {"box_convention": self.box_convention} if "box" in self.regions else {}

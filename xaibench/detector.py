@@ -148,7 +148,9 @@ class Detector(ABC):
         self, images: Sequence[np.ndarray], batch_size: int = 8, nms: bool = True
     ) -> list[Detections]:
         """Black box: detections of each uint8 RGB (H, W, 3) image, no graph kept.
-        ``nms=False`` returns the raw candidates before non-maximum suppression."""
+        ``nms=False`` returns the raw candidates before non-maximum suppression. Float RGB
+        images in [0, 1] are accepted too and should reach the network unrounded
+        (``xaibench.images.to_rgb_float``; D-RISE's ``masking="float"``)."""
 
     @abstractmethod
     def trace(self, image: np.ndarray) -> WhiteBoxTrace:

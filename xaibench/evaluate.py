@@ -45,7 +45,7 @@ from scipy import stats
 
 from xaibench.detector import Detector, WhiteBoxTrace
 from xaibench.method import ExplanationMethod
-from xaibench.metric import Curve, ExplainedBatch, Metric, MetricResult
+from xaibench.metric import Curve, ExplainedBatch, Metric, MetricResult, format_conventions
 from xaibench.plots import plot_curves
 from xaibench.registry import plugin_name
 from xaibench.selection import SELECTION_MODES, SelectedInstance, select_instances
@@ -95,7 +95,8 @@ class EvaluationSettings(BaseModel):
     """What ``xaibench evaluate`` runs. ``methods`` are labels (``odam``, or ``odam@p3`` for a
     method listed more than once); ``*_params`` map a label or registered name to its keyword
     arguments; ``selection_params`` go to ``select_instances``; ``max_images`` /
-    ``max_instances`` (per image, best scores first) scale the run down."""
+    ``max_instances`` (per image, best scores first) scale the run down; ``preset`` names a
+    metric preset (``xaibench.presets``, e.g. ``paper``) merged under the given parameters."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -105,6 +106,7 @@ class EvaluationSettings(BaseModel):
     detector_params: dict[str, dict[str, Any]] = Field(default_factory=dict)
     method_params: dict[str, dict[str, Any]] = Field(default_factory=dict)
     metric_params: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    preset: str | None = None
     attribute: str = "score"
     selection: str = "paper"
     selection_params: dict[str, Any] = Field(default_factory=dict)
@@ -292,10 +294,17 @@ def _instance_rows(
 
 
 def _metric_rows(
-    rows: Sequence[dict[str, Any]], metric: Metric, result: MetricResult | str
+    rows: Sequence[dict[str, Any]],
+    metric: Metric,
+    result: MetricResult | str,
+    method: ExplanationMethod | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(results rows, curve points) of one metric over a unit's instances; ``result`` is the
-    error text where the metric failed."""
+    error text where the metric failed. Each row records the conventions of ``method`` and
+    ``metric`` (``format_conventions``)."""
+    convention = format_conventions(
+        method.conventions() if method is not None else {}, metric.conventions()
+    )
     out, curves = [], []
     for r, row in enumerate(rows):
         for column, up in metric.higher_is_better.items():
@@ -310,6 +319,7 @@ def _metric_rows(
                     "value": value,
                     "reason": None if why is None else str(why),
                     "higher_is_better": int(up),
+                    "convention": convention,
                 }
             )
         if isinstance(result, str):
@@ -347,7 +357,7 @@ def _score(
             result: MetricResult | str = metric.compute(batch, ctx.detector, method)
         except Exception as err:  # one failing metric must not lose the others
             result = f"{metric.name} failed: {error_text(err)}"
-        more, points = _metric_rows(rows, metric, result)
+        more, points = _metric_rows(rows, metric, result, method)
         results += more
         curves += points
     return results, curves
@@ -448,6 +458,7 @@ def evaluation_suite(dataset: Any, settings: EvaluationSettings, out: Path) -> A
             "metrics": [
                 {"name": m, "params": settings.metric_params.get(m, {})} for m in settings.metrics
             ],
+            "preset": settings.preset,
             "selection": {"mode": settings.selection, "params": settings.selection_params},
             "attribute": settings.attribute,
             "limits": {"images": settings.max_images, "instances": settings.max_instances},
@@ -475,9 +486,10 @@ def run_evaluation(
     from xaibench.registry import METRICS
     from xaibench.runner import run_suite
     from xaibench.store import load_instances, load_results, load_units
+    from xaibench.suite import apply_preset
 
     out = Path(out)
-    suite = evaluation_suite(dataset, settings, out)
+    suite = apply_preset(evaluation_suite(dataset, settings, out), "evaluate")
     settings_file = out / "settings.json"
     record = {
         "settings": settings.model_dump(exclude={"resume", "max_images"}),

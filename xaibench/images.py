@@ -122,6 +122,35 @@ def to_rgb_uint8(array: np.ndarray, name: str = "array") -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
+def to_rgb_float(array: np.ndarray, name: str = "array") -> np.ndarray:
+    """Convert an image array to float32 RGB (H, W, 3) in [0, 1] for a network's input.
+
+    Float arrays in [0, 1] are kept as they are (not rounded to 255 levels: D-RISE's float
+    masked images); every other input goes through ``to_rgb_uint8`` and is divided by 255,
+    which gives exactly the values a uint8 image gives.
+    """
+    array = np.asarray(array)
+    if not np.issubdtype(array.dtype, np.floating):
+        return to_rgb_uint8(array, name).astype(np.float32) / np.float32(255.0)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.ndim != 3 or array.shape[2] not in (1, 3) or 0 in array.shape[:2]:
+        raise ValueError(
+            f"{name} must have shape (H, W), (H, W, 1) or (H, W, 3) with H, W > 0 as a float "
+            f"image; got shape {array.shape} (dtype {array.dtype})"
+        )
+    if not np.isfinite(array).all():
+        raise ValueError(f"{name} has dtype {array.dtype} and contains NaN or inf")
+    low, high = float(array.min()), float(array.max())
+    if low < 0.0 or high > 1.0:
+        raise ValueError(
+            f"{name} has dtype {array.dtype} with values in [{low:g}, {high:g}]; "
+            "float images must lie in [0, 1]"
+        )
+    array = array.astype(np.float32)
+    return np.repeat(array, 3, axis=2) if array.shape[2] == 1 else np.ascontiguousarray(array)
+
+
 def _to_uint8(array: np.ndarray, name: str) -> np.ndarray:
     if array.dtype == np.uint8:
         return array

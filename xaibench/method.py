@@ -45,6 +45,12 @@ class ExplanationMethod(ABC):
         """The settings recorded with every map."""
         return {}
 
+    def conventions(self) -> dict[str, str]:
+        """The settings among ``params()`` that choose between published conventions (e.g.
+        how D-RISE rounds its masked images), stored with every result row of the method's
+        maps; none by default."""
+        return {}
+
     def saliencies(
         self,
         targets: Sequence[Target],

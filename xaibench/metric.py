@@ -156,6 +156,15 @@ class MetricResult:
         return "; ".join(f"{', '.join(keys)}: {why}" for why, keys in columns.items())
 
 
+def format_conventions(*parts: Mapping[str, str]) -> str:
+    """``key=value`` pairs of conventions, sorted and joined by ``;`` ("" when there are
+    none): the ``convention`` of stored result rows."""
+    merged: dict[str, str] = {}
+    for part in parts:
+        merged.update(part)
+    return ";".join(f"{k}={merged[k]}" for k in sorted(merged))
+
+
 MetricNeeds = Literal["map", "model", "method"]
 
 
@@ -182,6 +191,13 @@ class Metric(ABC):
 
     def params(self) -> dict[str, object]:
         """The settings recorded with the results."""
+        return {}
+
+    def conventions(self) -> dict[str, str]:
+        """The settings among ``params()`` that choose between published conventions (e.g.
+        xaibench's or the official ODAM scripts'), so that numbers of different choices are
+        not comparable; stored with every result row (``format_conventions``). None by
+        default."""
         return {}
 
     def notes(self, instances: pd.DataFrame) -> list[str]:

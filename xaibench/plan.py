@@ -40,7 +40,15 @@ from xaibench.method import ExplanationMethod
 from xaibench.metric import Metric
 from xaibench.registry import DETECTORS, METHODS, METRICS
 from xaibench.store import Unit
-from xaibench.suite import CocoData, CrowdHumanData, Suite, SuiteError, build_plugin, check_plugins
+from xaibench.suite import (
+    CocoData,
+    CrowdHumanData,
+    Suite,
+    SuiteError,
+    apply_preset,
+    build_plugin,
+    check_plugins,
+)
 
 Dataset = CocoDataset | CrowdHumanDataset
 
@@ -152,10 +160,10 @@ class Workspace:
         detector_factory: Callable[[str], Detector] | None = None,
         datasets: dict[str, Dataset] | None = None,
     ) -> Workspace:
-        """Check the suite's names, build its methods and metrics once and open its datasets
-        (generating synthetic ones into ``STORE/data/NAME``); detectors are built on use."""
-        if suite.preset is not None:
-            raise SuiteError(f"{where}: preset: metric presets are not available in this version")
+        """Merge the suite's preset (``apply_preset``), check its names, build its methods and
+        metrics once and open its datasets (generating synthetic ones into
+        ``STORE/data/NAME``); detectors are built on use."""
+        suite = apply_preset(suite, where)
         check_plugins(suite, where, detectors=detector_factory is None)
         space = cls(suite, str(where), detector_factory, dict(datasets or {}))
         for i, spec in enumerate(suite.methods):

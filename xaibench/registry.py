@@ -24,10 +24,14 @@ class UnknownNameError(KeyError):
 
 
 class Registry(Generic[T]):
-    """Named plugins of one kind (detectors, methods, metrics, nms, recipes, datasets)."""
+    """Named plugins of one kind (detectors, methods, metrics, nms, recipes, datasets,
+    presets)."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, requires: tuple[Registry[Any], ...] = ()) -> None:
+        """``requires``: registries whose plugins register entries here on import (loaded
+        first)."""
         self.kind = kind
+        self.requires = requires
         self._entries: dict[str, T] = {}
         self._entry_points_loaded = False
 
@@ -86,6 +90,8 @@ class Registry(Generic[T]):
         if self._entry_points_loaded:
             return
         self._entry_points_loaded = True
+        for registry in self.requires:
+            registry._load_entry_points()
         for ep in entry_points(group=f"xaibench.{self.kind}"):
             if ep.name in self._entries:
                 continue
@@ -114,6 +120,9 @@ METRICS: Registry[Callable[..., Any]] = Registry("metrics")
 NMS: Registry[Callable[..., Any]] = Registry("nms")
 RECIPES: Registry[Callable[..., Any]] = Registry("recipes")
 DATASETS: Registry[Callable[..., Any]] = Registry("datasets")
+PRESETS: Registry[Any] = Registry("presets", requires=(METRICS, METHODS))
+"""Metric-parameter presets (``xaibench.presets.Preset``), e.g. ``paper``; the built-in ones
+register when the metric plugins are imported."""
 
 ALL_REGISTRIES: dict[str, Registry[Any]] = {
     r.kind: r for r in (DETECTORS, METHODS, METRICS, NMS, RECIPES, DATASETS)

@@ -14,7 +14,9 @@ extra dependency. Schema (``SCHEMA``; boxes xyxy in original-image pixels):
 - ``results``: one row per explained instance and metric column (``value`` NaN with a
   ``reason`` where undefined); ``method`` is the suite's label (``odam@p3``), ``method_name``
   the registered name; ``higher_is_better`` the column's direction; ``seconds`` the map's
-  compute time.
+  compute time; ``convention`` the evaluation conventions of the number, ``key=value;...``
+  of the method's and the metric's ``conventions()`` (e.g. ``box_convention=odam``; "" where
+  none apply), so that tables never mix numbers of different conventions.
 - ``curves``: every curve point per explained instance (deletion, insertion, VEA, sanity).
 - ``instances``: one row per explained instance of a unit, whatever the metrics (box, score,
   match, seconds per map; ``reason`` where the method failed), the base of wide exports.
@@ -22,6 +24,8 @@ extra dependency. Schema (``SCHEMA``; boxes xyxy in original-image pixels):
 Added bookkeeping columns: ``plan.position`` and ``units.position`` (the suite's order, for
 exports), ``units.stage`` (``image``: the image could not be read, detected or matched;
 ``method``: the explanation failed), ``units.attempts`` (times the unit was claimed).
+``results.convention`` came later: ``connect`` adds it to a store that lacks it (its older
+rows read NULL, which were computed with the defaults, xaibench's conventions).
 
 Writing (``Store``): a unit is claimed (``claim``) in one transaction that checks nobody alive
 holds it: its ``owner`` is ``host/pid/token`` and a ``heartbeat`` (``HEARTBEAT_S``) keeps it;
@@ -77,7 +81,7 @@ CREATE TABLE IF NOT EXISTS results (
     detection INTEGER NOT NULL, attribute TEXT NOT NULL, label INTEGER, class_name TEXT,
     score REAL, x1 REAL, y1 REAL, x2 REAL, y2 REAL, gt_id TEXT, match_iou REAL,
     metric TEXT NOT NULL, column TEXT NOT NULL, value REAL, reason TEXT, seconds REAL,
-    higher_is_better INTEGER NOT NULL
+    higher_is_better INTEGER NOT NULL, convention TEXT
 );
 CREATE INDEX IF NOT EXISTS results_unit ON results (unit_key);
 CREATE TABLE IF NOT EXISTS curves (
@@ -114,6 +118,9 @@ def connect(path: str | Path, timeout: float = 60.0) -> sqlite3.Connection:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.executescript(SCHEMA)
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(results)")}
+        if "convention" not in columns:  # a store written before conventions were stored
+            conn.execute("ALTER TABLE results ADD COLUMN convention TEXT")
         conn.execute(
             "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
             (str(SCHEMA_VERSION),),
@@ -259,7 +266,7 @@ STALE_S = 120.0
 RESULT_COLUMNS = (
     "unit_key", "dataset", "detector", "method", "method_name", "image_id", "detection",
     "attribute", "label", "class_name", "score", "x1", "y1", "x2", "y2", "gt_id", "match_iou",
-    "metric", "column", "value", "reason", "seconds", "higher_is_better",
+    "metric", "column", "value", "reason", "seconds", "higher_is_better", "convention",
 )  # fmt: skip
 CURVE_COLUMNS = (
     "unit_key", "dataset", "detector", "method", "image_id", "detection", "curve", "point",

@@ -7,7 +7,10 @@ instance selection, limits, the seed, the executor and the output store; every l
 suite raises ``SuiteError`` naming the file, the field path (``methods[2].params.n``) and what
 was expected, before any work. ``check_plugins`` then checks every name against its registry
 (unknown names list the known ones, the closest first) and builds each method and metric once
-so that bad parameters fail early too. Relative paths are relative to the working directory.
+so that bad parameters fail early too. ``preset: NAME`` (``xaibench.presets``) merges a
+named bundle of metric and method parameters (e.g. ``paper``: the official ODAM evaluation
+conventions) into the entries it lists, under the parameters an entry sets itself
+(``apply_preset``). Relative paths are relative to the working directory.
 """
 
 from __future__ import annotations
@@ -158,6 +161,7 @@ class Suite(_Strict):
     methods: list[MethodSpec] = Field(min_length=1)
     metrics: list[MetricSpec] = Field(min_length=1)
     preset: str | None = None
+    """A metric preset (``xaibench.presets``), e.g. ``paper``; None: the plugins' defaults."""
     selection: SelectionSpec = Field(default_factory=SelectionSpec)
     attribute: str = "score"
     limits: Limits = Field(default_factory=Limits)
@@ -303,6 +307,29 @@ def _render(keys: list[Any]) -> str:
     return "".join(
         f"[{k}]" if isinstance(k, int) else (f".{k}" if i else k) for i, k in enumerate(keys)
     )
+
+
+def apply_preset(suite: Suite, where: str | Path = "suite") -> Suite:
+    """The suite with its ``preset``'s parameters merged into the metric and method entries
+    whose registered names the preset lists (an entry's own parameters win); the suite itself
+    when it names no preset. An unknown preset is a ``SuiteError`` listing the known ones."""
+    from xaibench.registry import PRESETS
+
+    if suite.preset is None:
+        return suite
+    try:
+        preset = PRESETS.get(suite.preset)
+    except UnknownNameError as err:
+        raise SuiteError(f"{where}: preset: {err}") from None
+    methods = [
+        m.model_copy(update={"params": preset.merge("methods", m.registered, m.params)})
+        for m in suite.methods
+    ]
+    metrics = [
+        m.model_copy(update={"params": preset.merge("metrics", m.name, m.params)})
+        for m in suite.metrics
+    ]
+    return suite.model_copy(update={"methods": methods, "metrics": metrics})
 
 
 def check_plugins(suite: Suite, where: str | Path = "suite", detectors: bool = True) -> None:

@@ -16,7 +16,7 @@ from xaibench.cli.leaderboard import leaderboard
 from xaibench.cli.nms import nms
 from xaibench.cli.run import run
 from xaibench.cli.train import train
-from xaibench.registry import ALL_REGISTRIES
+from xaibench.registry import ALL_REGISTRIES, PRESETS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 app.add_typer(data_app, name="data")
@@ -35,9 +35,9 @@ def list_plugins(
     pattern: str = typer.Argument("*", help="shell-style filter, e.g. '*fcos*'"),
     kind: str = typer.Option("", help="only this registry (detectors, methods, ...)"),
 ) -> None:
-    """Show what every registry holds."""
+    """Show what every registry holds (and the metric presets, ``--preset``)."""
     table = Table("kind", "names")
-    for name, registry in ALL_REGISTRIES.items():
+    for name, registry in {**ALL_REGISTRIES, PRESETS.kind: PRESETS}.items():
         if kind and kind != name:
             continue
         table.add_row(name, ", ".join(registry.names(pattern)) or "-")

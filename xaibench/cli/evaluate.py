@@ -59,6 +59,11 @@ def evaluate(
     metric_param: list[str] = typer.Option(
         [], "--metric-param", help="metric argument, e.g. deletion.protocol=whole-image"
     ),
+    preset: str | None = typer.Option(
+        None,
+        help="metric preset, e.g. paper (the official ODAM evaluation conventions); "
+        "--metric-param and -p values override it",
+    ),
     selection: str = typer.Option("paper", help="instances to explain: paper, all or top-k"),
     selection_param: list[str] = typer.Option(
         [], "--selection-param", help="e.g. match_iou=0.5, top_k=3, score_thresh=0.3"
@@ -91,6 +96,7 @@ def evaluate(
             detector_params=scoped_params(detector_param, "--detector-param"),
             method_params=scoped_params(method_param, "--method-param"),
             metric_params=scoped_params(metric_param, "--metric-param"),
+            preset=preset,
             attribute=attribute,
             selection=selection,
             selection_params=parse_params(selection_param),
@@ -140,6 +146,7 @@ def demo_settings(detectors: list[str], num_images: int) -> EvaluationSettings:
         metrics=[m.name for m in suite.metrics],
         method_params={m.name: m.params for m in suite.methods if m.params},
         metric_params={m.name: m.params for m in suite.metrics if m.params},
+        preset=suite.preset,
         selection=suite.selection.mode,
         selection_params=suite.selection.params,
         max_images=num_images,

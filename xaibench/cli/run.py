@@ -37,6 +37,11 @@ def run(
     overrides: list[str] = typer.Option(
         [], "--set", help="override a suite field, PATH=VALUE (e.g. limits.images=2)"
     ),
+    preset: str | None = typer.Option(
+        None,
+        help="metric preset, e.g. paper (the official ODAM evaluation conventions); "
+        "replaces the suite's preset",
+    ),
     progress: bool = typer.Option(True, help="show the progress bar"),
 ) -> None:
     """Run every unit (dataset x detector x method x image) of a suite that is not done yet
@@ -47,6 +52,8 @@ def run(
         extra.append(f"executor.kind={executor}")
     if address is not None:
         extra.append(f"executor.address={address}")
+    if preset is not None:
+        extra.append(f"preset={preset}")
     try:
         spec = load_suite(suite, extra)
         where = suite_path(suite)

@@ -32,7 +32,7 @@ NO_REASON = "(no reason recorded)"
 
 SUMMARY_COLUMNS = [
     *SECTION, "method", "method_name", "metric", "column", "higher_is_better", "n", "mean",
-    "ci_low", "ci_high", "n_nan", "rank", "wins", "losses", "best", "beats_all",
+    "ci_low", "ci_high", "n_nan", "rank", "wins", "losses", "best", "beats_all", "convention",
 ]  # fmt: skip
 TEST_COLUMNS = [
     *SECTION, "metric", "column", "higher_is_better", "method_a", "method_b", "n", "statistic",
@@ -48,8 +48,10 @@ class Leaderboard:
     ``summary``: one row per section, method and column (``SUMMARY_COLUMNS``): n finite
     values, their mean and 95% percentile-bootstrap CI (``ci_low``, ``ci_high``), ``n_nan``,
     ``rank`` (1 = best, ties share the lower rank), significant pairwise ``wins`` / ``losses``,
-    ``best`` (best mean of the column) and ``beats_all`` (significantly better than every other
-    method). ``tests``: one row per pair of methods and column (``TEST_COLUMNS``), ``better``
+    ``best`` (best mean of the column), ``beats_all`` (significantly better than every other
+    method) and ``convention`` (the stored ``results.convention`` of its numbers: one per
+    column and method, or the leaderboard refuses to build). ``tests``: one row per pair of
+    methods and column (``TEST_COLUMNS``), ``better``
     the method with the better mean paired difference, ``significant`` = Holm p < 0.05.
     ``nan_reasons``: counts of NaN values per section, method, column and reason.
     ``references``: published figures from the suite (``REFERENCE_COLUMNS``). ``curves``: the
@@ -184,6 +186,17 @@ def _values(results: pd.DataFrame, store: str | Path) -> pd.DataFrame:
         row = results.loc[doubled, keys].iloc[0].to_dict()
         raise ValueError(f"{store} holds {int(doubled.sum())} doubled result rows, e.g. {row}")
     out = results[[*keys, "method_name", "higher_is_better", "value", "reason"]].copy()
+    out["convention"] = results["convention"].fillna("").astype(str)
+    mixed = out.groupby([*SECTION, "method", "metric", "column"], sort=False)["convention"]
+    counts = mixed.nunique()
+    if (counts > 1).any():
+        key = counts[counts > 1].index[0]
+        seen = sorted(mixed.get_group(key).unique())
+        raise ValueError(
+            f"{store}: {dict(zip([*SECTION, 'method', 'metric', 'column'], key, strict=True))} "
+            f"mixes numbers of different conventions {seen}; a table must hold one convention "
+            "per column (rerun with one metric setting)"
+        )
     value = pd.to_numeric(out["value"], errors="coerce").astype(np.float64)
     nan = ~np.isfinite(value)
     out["value"] = value.where(~nan)
@@ -201,6 +214,7 @@ def _seconds(results: pd.DataFrame) -> pd.DataFrame:
     out = timed[[*SECTION, "method", "method_name", *INSTANCE]].copy()
     out["metric"], out["column"], out["higher_is_better"] = TIME_METRIC, TIME_COLUMN, False
     out["value"], out["reason"] = timed["seconds"].astype(np.float64).to_numpy(), ""
+    out["convention"] = ""
     return out
 
 
@@ -217,6 +231,7 @@ def _family(family: pd.DataFrame, seed: int, resamples: int) -> tuple[pd.DataFra
     wide = family.pivot(index=INSTANCE, columns="method", values="value").sort_index()
     methods = list(dict.fromkeys(family["method"]))
     names = dict(zip(family["method"], family["method_name"], strict=True))
+    conventions = dict(zip(family["method"], family["convention"], strict=True))
     records = []
     for method in methods:
         v = wide[method].to_numpy()
@@ -235,6 +250,7 @@ def _family(family: pd.DataFrame, seed: int, resamples: int) -> tuple[pd.DataFra
                 "ci_low": low,
                 "ci_high": high,
                 "n_nan": int((family["method"] == method).sum()) - n,
+                "convention": conventions[method],
             }
         )
     summary = pd.DataFrame(records)

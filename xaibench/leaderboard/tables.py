@@ -128,7 +128,23 @@ def wide_cells(
                     for m in methods
                 ]
     notes = [f"[{k}] published: {markup.escape(s)}" for k, s in enumerate(sources, start=1)]
-    return pd.DataFrame(table), notes
+    return pd.DataFrame(table), notes + convention_notes(rows, markup)
+
+
+def convention_notes(rows: pd.DataFrame, markup: Markup) -> list[str]:
+    """One note per convention of a section's summary rows that records one, naming the
+    columns (and the methods, where not all of the section's share it)."""
+    if "convention" not in rows:
+        return []
+    notes = []
+    marked = rows[rows["convention"].fillna("") != ""]
+    for convention, part in marked.groupby("convention", sort=False):
+        columns = list(dict.fromkeys(part["column"].astype(str)))
+        who = list(dict.fromkeys(part["method"].astype(str)))
+        sharing = set(rows.loc[rows["column"].isin(columns), "method"].astype(str))
+        scope = "" if sharing <= set(who) else f" ({', '.join(who)})"
+        notes.append(markup.escape(f"conventions of {', '.join(columns)}{scope}: {convention}"))
+    return notes
 
 
 def rank_cells(board: Leaderboard, section: Section, markup: Markup) -> pd.DataFrame:
