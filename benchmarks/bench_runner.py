@@ -15,7 +15,9 @@ dataset and build the suite's methods and metrics (``Workspace.open``):
   hashes, the run and plan rows, claims, one commit per unit, heartbeats, the report.
 
 The two take turns in each of ``--repeats`` rounds (after a warm-up round); reported: the
-median seconds of each and the overhead, median runner / median bare - 1. Target: under 5%.
+median seconds of each and the overhead, median runner / median bare - 1, in wall time and
+in this process's CPU time (all threads; the steadier figure where other processes load the
+machine). Target: under 5%.
 
 Write rate: the rows of one bare pass committed again and again (``--copies`` times, under
 new unit keys) into a fresh store file, as the runner does: the run and its plan, then per
@@ -88,6 +90,14 @@ def bare(suite: Suite, factory, datasets) -> list[tuple[Unit, UnitRows]]:
     return out
 
 
+def cpu_seconds(fn, *args) -> float:
+    """CPU seconds of this process (all its threads) spent in ``fn(*args)``: less disturbed
+    than wall time by other processes on a loaded machine."""
+    start = time.process_time()
+    fn(*args)
+    return time.process_time() - start
+
+
 def rows_of(rows: UnitRows) -> int:
     return len(rows.results) + len(rows.curves) + len(rows.instances)
 
@@ -138,6 +148,7 @@ def main() -> None:
             return built
 
         stores = iter(range(10**6))
+        cpu: dict[str, list[float]] = {"bare": [], "runner": []}
 
         def runner() -> None:
             store = folder / f"run{next(stores)}"
@@ -154,9 +165,14 @@ def main() -> None:
         units = len(computed)
         rows = sum(rows_of(r) for _, r in computed)
         times = interleaved_times(
-            {"bare": lambda: bare(suite, factory, datasets), "runner": runner}, args.repeats
+            {
+                "bare": lambda: cpu["bare"].append(cpu_seconds(bare, suite, factory, datasets)),
+                "runner": lambda: cpu["runner"].append(cpu_seconds(runner)),
+            },
+            args.repeats,
         )
         bare_s, runner_s = (statistics.median(times[k]) for k in ("bare", "runner"))
+        bare_cpu, runner_cpu = (statistics.median(cpu[k]) for k in ("bare", "runner"))
         print(
             f"work: {args.images} images x {len(suite.methods)} methods = {units} units, "
             f"{rows} rows ({len(results)} metric values), {args.detector}"
@@ -166,8 +182,12 @@ def main() -> None:
         print(f"runner + store:       {runner_s:.3f} s ({1000 * runner_s / units:.1f} ms per unit)")
         overhead = runner_s / bare_s - 1
         print(
-            f"runner overhead: {100 * overhead:+.1f}% "
+            f"runner overhead (wall): {100 * overhead:+.1f}% "
             f"({1000 * (runner_s - bare_s) / units:+.1f} ms per unit; target: under 5%)"
+        )
+        print(
+            f"runner overhead (CPU):  {100 * (runner_cpu / bare_cpu - 1):+.1f}% "
+            f"(bare {bare_cpu:.3f} s, runner {runner_cpu:.3f} s of this process's CPU time)"
         )
         rates = [
             write_rate(suite, computed, args.copies, folder / f"write{r}")
