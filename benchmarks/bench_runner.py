@@ -7,8 +7,10 @@ same work, and the store's write rate, measured in one run.
 The work: the first ``--images`` synthetic validation scenes, one demo detector, ODAM and
 Grad-CAM (the cheapest methods, so the runner's share is the largest), the pointing games,
 compactness, ODI and deletion (official protocol: 11 detector reads per curve), the paper's
-selection, at most 2 instances per image. Both paths get the same built detector and opened
-dataset and build the suite's methods and metrics (``Workspace.open``):
+selection, at most 2 instances per image, one torch thread (``--threads``: several threads
+that wait for each other make both paths slow and erratic on a loaded machine). Both paths
+get the same built detector and opened dataset and build the suite's methods and metrics
+(``Workspace.open``):
 
 - bare: ``evaluate_units`` on each image's units, rows kept in memory (no plan, no store);
 - runner: ``run_suite`` into a fresh store (a real SQLite file): the plan with its content
@@ -34,6 +36,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import torch
 from timing import interleaved_times
 
 from xaibench.evaluate import evaluate_units
@@ -135,7 +138,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--copies", type=int, default=20, help="copies of the rows per store")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
