@@ -84,17 +84,17 @@ def _result(
     )  # fmt: skip
 
 
-def make_store(path: Path) -> Path:
-    """Run ``r1`` plans one unit per method and image; a stale unit (other settings, not in
-    the plan), a failed unit in the plan and an older run ``r0`` hold rows that must not
-    appear."""
+def make_store(path: Path, suite: dict = SUITE) -> Path:
+    """Run ``r1`` (of ``suite``) plans one unit per method and image; a stale unit (other
+    settings, not in the plan), a failed unit in the plan and an older run ``r0`` hold rows
+    that must not appear."""
     conn = connect(path)
     conn.execute("BEGIN")
     for run, started in (("r0", 1.0), ("r1", 2.0)):
         conn.execute(
             "INSERT INTO runs (run_id, started, suite, versions, executor) "
             "VALUES (?, ?, ?, '{}', 'local')",
-            (run, started, json.dumps(SUITE)),
+            (run, started, json.dumps(suite)),
         )
     for (method, column), values in toy_values().items():
         for i, value in enumerate(values):
@@ -265,6 +265,7 @@ def test_references_and_bad_input_fail_with_the_field(tmp_path: Path, store: Pat
     refs = references_frame(SUITE)
     assert refs.to_dict("records")[0] == {
         "source": "Zhao & Chan 2023, Table 1",
+        "dataset": None,
         "detector": "det",
         "method": "odam",
         "column": "deletion",
@@ -281,6 +282,43 @@ def test_references_and_bad_input_fail_with_the_field(tmp_path: Path, store: Pat
     conn.close()
     with pytest.raises(ValueError, match="doubled result rows"):
         build_leaderboard(doubled)
+
+
+def test_references_scaled_and_filtered_stand_beside_the_measured_means(tmp_path: Path) -> None:
+    from xaibench.leaderboard import write_leaderboard
+
+    suite = {
+        "name": "toy-refs",
+        "references": [
+            # every dataset and detector; percentages of a column measured as a fraction
+            {"source": "Paper A, Table 4", "scale": 0.01, "values": {"odam": {"pg_box": 55.5}}},
+            # another dataset's figures: not in this store's tables
+            {"source": "Paper B", "dataset": "coco", "values": {"odam": {"deletion": 72.68}}},
+        ],
+    }
+    board = build_leaderboard(make_store(tmp_path / "r.sqlite", suite), resamples=99)
+    assert board.references["value"].tolist() == pytest.approx([0.555, 72.68])
+    files = write_leaderboard(board, tmp_path / "out")
+    md = files["markdown"].read_text()
+    assert "pg_box ↑ [1]" in md and "[1] published: Paper A, Table 4" in md
+    assert "0.555" in md
+    assert "Paper B" not in md and "72.7" not in md and "[2]" not in md
+    odam_line = next(line for line in md.splitlines() if line.startswith("| odam"))
+    assert "0.555" in odam_line
+    page = files["html"].read_text()
+    assert "published: Paper A, Table 4" in page and "0.555" in page
+    assert "published: Paper B" not in page  # (the suite.yaml inside names it)
+    compared = pd.read_csv(files["comparison_csv"])
+    assert len(compared) == 1
+    got = compared.iloc[0]
+    assert (got["method"], got["column"], got["source"]) == ("odam", "pg_box", "Paper A, Table 4")
+    assert got["published"] == pytest.approx(0.555)
+    assert got["mean"] == pytest.approx(row(board, "odam", "pg_box")["mean"])
+    assert got["ci_low"] == pytest.approx(row(board, "odam", "pg_box")["ci_low"])
+    with pytest.raises(ValueError, match=r"references\[0\]\.scale must be a positive number"):
+        from xaibench.leaderboard.board import references_frame
+
+        references_frame({"references": [{"source": "x", "scale": 0, "values": {}}]})
 
 
 @pytest.fixture(scope="module")

@@ -143,11 +143,15 @@ class ExecutorSpec(_Strict):
 
 
 class Reference(_Strict):
-    """Published figures shown beside the measured ones: ``values[method][metric]``."""
+    """Published figures shown beside the measured ones: ``values[method label][metric
+    column]`` as published, times ``scale`` in the benchmark's units (0.01 for a percentage
+    the benchmark reports as a fraction); ``dataset`` and ``detector`` are the suite labels
+    whose tables show them (null: every one)."""
 
     source: str
     dataset: str | None = None
     detector: str | None = None
+    scale: float = Field(1.0, gt=0)
     values: dict[str, dict[str, float]]
 
 

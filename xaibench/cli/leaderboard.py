@@ -20,8 +20,8 @@ def leaderboard(
 ) -> None:
     """Per dataset x detector x method x metric column: mean and seeded 95% bootstrap CI;
     per column: ranks and Holm-corrected paired Wilcoxon tests. Writes leaderboard.md,
-    leaderboard.tex, summary/wide/tests/nan_reasons/references CSVs, plots/*.png, suite.yaml
-    and a self-contained index.html under OUT, and prints the tables."""
+    leaderboard.tex, summary/wide/tests/nan_reasons/references/comparison CSVs, plots/*.png,
+    suite.yaml and a self-contained index.html under OUT, and prints the tables."""
     console = Console()
     if not store.exists():
         console.print(f"[red]error:[/red] STORE {store} does not exist")

@@ -38,7 +38,11 @@ TEST_COLUMNS = [
     *SECTION, "metric", "column", "higher_is_better", "method_a", "method_b", "n", "statistic",
     "p", "p_holm", "mean_difference", "better", "significant", "reason",
 ]  # fmt: skip
-REFERENCE_COLUMNS = ["source", "detector", "method", "column", "value"]
+REFERENCE_COLUMNS = ["source", "dataset", "detector", "method", "column", "value"]
+COMPARISON_COLUMNS = [
+    *SECTION, "method", "metric", "column", "higher_is_better", "n", "mean", "ci_low",
+    "ci_high", "source", "published",
+]  # fmt: skip
 
 
 @dataclass
@@ -105,18 +109,25 @@ def _suite_row(conn: sqlite3.Connection, run_id: str) -> tuple[str] | None:
 
 
 def references_frame(suite: Mapping[str, Any], where: str = "suite") -> pd.DataFrame:
-    """The suite's ``references`` ([{source, detector, values: {method: {column: value}}}])
-    as a long table (``REFERENCE_COLUMNS``); a malformed entry fails naming its field."""
+    """The suite's ``references`` ([{source, dataset, detector, scale, values: {method:
+    {column: value}}}]) as a long table (``REFERENCE_COLUMNS``): ``value`` = published value x
+    ``scale`` (default 1), ``dataset``/``detector`` None where the entry names none (it applies
+    to every one); a malformed entry fails naming its field."""
     records = []
     entries = suite.get("references") or []
     if not isinstance(entries, list):
         raise ValueError(f"{where}: references must be a list, got {type(entries).__name__}")
     for i, entry in enumerate(entries):
         field = f"{where}: references[{i}]"
-        if not isinstance(entry, Mapping) or not {"source", "detector", "values"} <= set(entry):
-            raise ValueError(f"{field} must be a mapping with source, detector and values")
+        if not isinstance(entry, Mapping) or not {"source", "values"} <= set(entry):
+            raise ValueError(f"{field} must be a mapping with source and values")
         if not isinstance(entry["values"], Mapping):
             raise ValueError(f"{field}.values must map method labels to {{column: value}}")
+        scale = entry.get("scale", 1.0)
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+            raise ValueError(f"{field}.scale must be a positive number, got {scale!r}")
+        labels = [entry.get(k) for k in ("dataset", "detector")]
+        labels = [None if v is None else str(v) for v in labels]
         for method, columns in entry["values"].items():
             if not isinstance(columns, Mapping):
                 raise ValueError(f"{field}.values.{method} must map columns to numbers")
@@ -126,9 +137,32 @@ def references_frame(suite: Mapping[str, Any], where: str = "suite") -> pd.DataF
                         f"{field}.values.{method}.{column} must be a number, got {value!r}"
                     )
                 records.append(
-                    [str(entry["source"]), str(entry["detector"]), method, column, float(value)]
+                    [str(entry["source"]), *labels, method, column, float(value) * float(scale)]
                 )
     return pd.DataFrame(records, columns=REFERENCE_COLUMNS)
+
+
+def section_references(references: pd.DataFrame, dataset: str, detector: str) -> pd.DataFrame:
+    """The references that apply to a dataset and detector (their labels, or none named)."""
+    applies = (references["dataset"].isna() | (references["dataset"] == dataset)) & (
+        references["detector"].isna() | (references["detector"] == detector)
+    )
+    return references[applies]
+
+
+def comparison(board: Leaderboard) -> pd.DataFrame:
+    """Measured beside published: one row per summary row (section, method, column) and
+    reference source that has a figure for it (``COMPARISON_COLUMNS``)."""
+    parts = []
+    for section in board.sections():
+        rows = board.summary[(board.summary[SECTION].astype(str) == list(section)).all(axis=1)]
+        refs = section_references(board.references, section[0], section[1])
+        refs = refs[["method", "column", "source", "value"]].rename(columns={"value": "published"})
+        parts.append(rows.merge(refs, on=["method", "column"], sort=False))
+    frames = [p[COMPARISON_COLUMNS] for p in parts if len(p)]
+    if not frames:
+        return pd.DataFrame(columns=COMPARISON_COLUMNS)
+    return pd.concat(frames, ignore_index=True)
 
 
 def build_leaderboard(

@@ -5,7 +5,8 @@
 - ``leaderboard.tex``: one booktabs table per section, best mean in bold;
 - ``summary.csv`` (long: one row per section, method and column), ``wide.csv`` (one row per
   section and method; ``COLUMN ↑``, ``COLUMN ↑ low``, ``COLUMN ↑ high``), ``tests.csv``
-  (every pairwise test), ``nan_reasons.csv``, ``references.csv`` (published figures);
+  (every pairwise test), ``nan_reasons.csv``, ``references.csv`` (published figures),
+  ``comparison.csv`` (measured mean and CI beside each published figure);
 - ``plots/``: per section the metric bars with CIs, per dataset and detector every curve
   (deletion, insertion, VEA, sanity) with 95% bands, and ``seconds.png``;
 - ``suite.yaml``: the run's suite; ``index.html``: all of it in one self-contained page.
@@ -18,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from xaibench.leaderboard.board import SECTION, Leaderboard
+from xaibench.leaderboard.board import SECTION, Leaderboard, comparison
 from xaibench.leaderboard.html import write_index
 from xaibench.leaderboard.stats import bootstrap_ci
 from xaibench.leaderboard.tables import (
@@ -48,6 +49,7 @@ def write_leaderboard(board: Leaderboard, out: str | Path) -> dict[str, Path]:
         "tests_csv": _csv(board.tests, out / "tests.csv"),
         "nan_reasons_csv": _csv(board.nan_reasons, out / "nan_reasons.csv"),
         "references_csv": _csv(board.references, out / "references.csv"),
+        "comparison_csv": _csv(comparison(board), out / "comparison.csv"),
     }
     plots = write_plots(board, out / "plots")
     files |= {f"plot_{k}": p for k, p in plots.items()}

@@ -21,7 +21,7 @@ from rich.markup import escape as rich_escape
 from rich.table import Table
 from rich.text import Text
 
-from xaibench.leaderboard.board import SECTION, Leaderboard
+from xaibench.leaderboard.board import SECTION, Leaderboard, section_references
 
 Section = tuple[str, str, str]
 
@@ -109,7 +109,7 @@ def wide_cells(
     """The section's table (a ``method`` column, then a column per metric column and per
     published source of it) and its footnotes (``[k] source``)."""
     rows = section_rows(board, section)
-    refs = board.references[board.references["detector"] == section[1]]
+    refs = section_references(board.references, section[0], section[1])
     sources = list(dict.fromkeys(refs["source"]))
     methods = list(dict.fromkeys(rows["method"]))
     table: dict[str, list[str]] = {"method": [markup.escape(m) for m in methods]}
