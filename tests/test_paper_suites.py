@@ -117,6 +117,7 @@ def test_suite_validates_and_its_references_name_its_methods_and_columns(path: P
     }
     assert {m.name for m in suite.methods} == {"gradcam", "gradcampp", "drise", "odam"}
     assert suite.selection.mode == "paper" and suite.attribute == "score"
+    assert suite.preset == "paper"  # the official scripts' conventions
     assert suite.datasets[0].kind == "coco"
     assert suite.references and all(r.detector == "fcos" for r in suite.references)
     columns = table_columns(suite)
@@ -136,6 +137,9 @@ def test_suite_runs_on_a_coco_stand_in_and_shows_the_papers_figures(
     assert report.failed == 0 and report.done == report.total == 2 * 4
     results, _ = load_results(tmp_path / "store" / STORE_FILE, report.run_id)
     assert set(results["dataset"]) == {"coco-val2017"}
+    official = {"box_convention=odam", "insertion_start=zero", "drise_masking=float"}
+    stored = {part for c in results["convention"].dropna() for part in c.split(";") if part}
+    assert stored and stored <= official  # the paper preset's conventions, nothing else
     finite = results[np.isfinite(pd.to_numeric(results["value"]))]
     got = set(zip(finite["detector"], finite["method"], finite["column"], strict=True))
     columns = table_columns(suite)
