@@ -115,11 +115,12 @@ def test_sigkill_at_five_points_then_resume_gives_the_uninterrupted_rows(
     store = tmp_path / "killed"
     rng = np.random.default_rng(0)
     kills = []
-    # kill once the plan is written, then after 1, 3, 6 and 9 finished units, each at a
-    # random moment of the unit in flight
+    # kill once the plan is written, then after 1, 3, 6 and 9 finished units (and at least
+    # one unit after the last kill), each at a random moment of the unit in flight
     for target in (0, 1, 3, 6, 9):
         proc = xaibench_run(str(suite), "--store", str(store))
-        while done_units(store) < target and proc.poll() is None:
+        need = max(target, kills[-1] + 1) if kills else target
+        while done_units(store) < need and proc.poll() is None:
             time.sleep(0.01)
         time.sleep(float(rng.uniform(0, 0.03)))  # units take about 0.1 s here
         if proc.poll() is None:
