@@ -107,15 +107,15 @@ def nan_reasons(results: pd.DataFrame) -> pd.DataFrame:
 
 
 def print_nan_reasons(console: Console, results: pd.DataFrame, width: int = WIDTH) -> None:
-    """One line per reason that left metric columns NaN: the columns, the count of NaN rows
-    out of the rows, the methods (lines cut at ``width``)."""
+    """One line per reason that left metric columns NaN: the count of NaN rows out of the
+    rows, the methods, the columns (lines cut at ``width``), then the reason."""
     reasons = nan_reasons(results)
     if reasons.empty:
         return
-    console.print("NaN values (detector, columns: NaN rows / rows (methods), then the reason):")
+    console.print("NaN values (detector NaN rows/rows (methods): columns, then the reason):")
     grouped = reasons.groupby(["detector", "reason", "count", "total", "methods"], sort=False)
     for (detector, reason, count, total, methods), part in grouped:
-        line = f"  {detector} {', '.join(part['column'])}: {count}/{total} ({methods})"
+        line = f"  {detector} {count}/{total} ({methods}): {', '.join(part['column'])}"
         console.print(line if len(line) <= width else line[: width - 1] + "…", markup=False)
         why = f"    {reason}"
         console.print(why if len(why) <= 2 * width else why[: 2 * width - 1] + "…", markup=False)
