@@ -267,19 +267,6 @@ def _fcos_level_maps(head, level, raw, records, feature, ys, xs, labels, grid):
     return F.interpolate(level_maps[:, None], size=grid, mode="bilinear", align_corners=False)[:, 0]
 
 
-def fcos_step_losses(
-    model: FCOS,
-    images: list[torch.Tensor],
-    targets: list[dict[str, torch.Tensor]],
-    weight: float,
-    clamp: float,
-    map_stride: int,
-) -> dict[str, torch.Tensor]:
-    """One batch's FCOS losses plus the Odam-Train terms."""
-    losses, positives = fcos_losses_and_maps(model, images, targets, map_stride)
-    return {**losses, **odam_terms(positives, weight, clamp)}
-
-
 # ---------------------------------------------------------------------------------------------
 # Faster R-CNN
 
@@ -354,16 +341,17 @@ def _boxes_to_grid(
     return out * inside
 
 
-def frcnn_step_losses(
-    model: FasterRCNN,
+def step_losses(
+    model: nn.Module,
     images: list[torch.Tensor],
     targets: list[dict[str, torch.Tensor]],
     weight: float,
     clamp: float,
     map_stride: int,
 ) -> dict[str, torch.Tensor]:
-    """One batch's Faster R-CNN losses plus the Odam-Train terms."""
-    losses, positives = frcnn_losses_and_maps(model, images, targets, map_stride)
+    """One batch's detector losses (FCOS or Faster R-CNN) plus the Odam-Train terms."""
+    losses_and_maps = fcos_losses_and_maps if family(model) == "fcos" else frcnn_losses_and_maps
+    losses, positives = losses_and_maps(model, images, targets, map_stride)
     return {**losses, **odam_terms(positives, weight, clamp)}
 
 
@@ -396,6 +384,7 @@ def train_odam(
     config = config or OdamTrainConfig()
     kind = family(model)
     weight = REFERENCE_WEIGHTS[kind] if config.odam_weight is None else config.odam_weight
-    step = fcos_step_losses if kind == "fcos" else frcnn_step_losses
-    losses = partial(step, weight=weight, clamp=config.cos_clamp, map_stride=config.map_stride)
+    losses = partial(
+        step_losses, weight=weight, clamp=config.cos_clamp, map_stride=config.map_stride
+    )
     return fit(model, dataset, config, losses, "odam-train", checkpoint_dir, progress, log_every)

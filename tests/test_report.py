@@ -82,7 +82,8 @@ def test_a_column_that_failed_everywhere_shows_its_reason_and_count(
     result = evaluate(scenes, tmp_path / "run", "-m", "constant", "--metric", "pointing-game")
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    at = next(i for i, line in enumerate(lines) if "evidence-toy 2/2 (constant): pg_box, pg_mask" in line)
+    reason = "evidence-toy 2/2 (constant): pg_box, pg_mask"
+    at = next(i for i, line in enumerate(lines) if reason in line)
     assert lines[at + 1].strip() == "constant map"
     assert any(line.startswith("│ pg_box ↑") and "│ -" in line for line in lines)
 

@@ -139,6 +139,13 @@ def to_rgb_float(array: np.ndarray, name: str = "array") -> np.ndarray:
             f"{name} must have shape (H, W), (H, W, 1) or (H, W, 3) with H, W > 0 as a float "
             f"image; got shape {array.shape} (dtype {array.dtype})"
         )
+    _check_unit_range(array, name)
+    array = array.astype(np.float32)
+    return np.repeat(array, 3, axis=2) if array.shape[2] == 1 else np.ascontiguousarray(array)
+
+
+def _check_unit_range(array: np.ndarray, name: str) -> None:
+    """A float image must be finite and lie in [0, 1]; a ValueError names ``name``."""
     if not np.isfinite(array).all():
         raise ValueError(f"{name} has dtype {array.dtype} and contains NaN or inf")
     low, high = float(array.min()), float(array.max())
@@ -147,8 +154,6 @@ def to_rgb_float(array: np.ndarray, name: str = "array") -> np.ndarray:
             f"{name} has dtype {array.dtype} with values in [{low:g}, {high:g}]; "
             "float images must lie in [0, 1]"
         )
-    array = array.astype(np.float32)
-    return np.repeat(array, 3, axis=2) if array.shape[2] == 1 else np.ascontiguousarray(array)
 
 
 def _to_uint8(array: np.ndarray, name: str) -> np.ndarray:
@@ -159,14 +164,7 @@ def _to_uint8(array: np.ndarray, name: str) -> np.ndarray:
     if array.dtype == np.uint16:
         return ((array.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
     if np.issubdtype(array.dtype, np.floating):
-        if not np.isfinite(array).all():
-            raise ValueError(f"{name} has dtype {array.dtype} and contains NaN or inf")
-        low, high = float(array.min()), float(array.max())
-        if low < 0.0 or high > 1.0:
-            raise ValueError(
-                f"{name} has dtype {array.dtype} with values in [{low:g}, {high:g}]; "
-                "float images must lie in [0, 1]"
-            )
+        _check_unit_range(array, name)
         return np.round(array * 255.0).astype(np.uint8)
     raise ValueError(
         f"{name} has dtype {array.dtype} (shape {array.shape}); "
