@@ -50,7 +50,7 @@ from xaibench.plots import plot_curves
 from xaibench.registry import plugin_name
 from xaibench.selection import SELECTION_MODES, SelectedInstance, select_instances
 from xaibench.store import Unit, UnitRows
-from xaibench.types import ATTRIBUTES, Detections, Instance, Sample, Target
+from xaibench.types import Detections, Instance, Sample, Target, check_attribute
 
 DETECTOR_ROWS = "(detector)"
 """The method label of units and rows written by detector-scope metrics (feature drift)."""
@@ -115,12 +115,7 @@ class EvaluationSettings(BaseModel):
     seed: int = 0
     resume: bool = True
 
-    @field_validator("attribute")
-    @classmethod
-    def _attribute(cls, value: str) -> str:
-        if value not in (*ATTRIBUTES, "combined"):
-            raise ValueError(f"attribute must be one of {', '.join((*ATTRIBUTES, 'combined'))}")
-        return value
+    _attribute = field_validator("attribute")(staticmethod(check_attribute))
 
     @field_validator("selection")
     @classmethod

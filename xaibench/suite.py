@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from xaibench.params import ParamError, checked_params
 from xaibench.registry import METHODS, METRICS, UnknownNameError, plugin_name
-from xaibench.types import ATTRIBUTES
+from xaibench.types import check_attribute
 
 DEFAULT_SUITE = "default"
 """The embedded suite ``xaibench run`` runs without an argument."""
@@ -183,12 +183,7 @@ class Suite(_Strict):
             return [{"name": v} if isinstance(v, str) else v for v in value]
         return value
 
-    @field_validator("attribute")
-    @classmethod
-    def _attribute(cls, value: str) -> str:
-        if value not in (*ATTRIBUTES, "combined"):
-            raise ValueError(f"attribute must be one of {', '.join((*ATTRIBUTES, 'combined'))}")
-        return value
+    _attribute = field_validator("attribute")(staticmethod(check_attribute))
 
     @model_validator(mode="after")
     def _unique_labels(self) -> Suite:

@@ -17,6 +17,14 @@ BOX_ATTRIBUTES: tuple[str, ...] = ("x1", "y1", "x2", "y2")
 ATTRIBUTES: tuple[str, ...] = ("score", *BOX_ATTRIBUTES)
 
 
+def check_attribute(value: str) -> str:
+    """``value`` if it names an explainable attribute (``ATTRIBUTES`` or ``"combined"``);
+    else a ValueError listing them."""
+    if value not in (*ATTRIBUTES, "combined"):
+        raise ValueError(f"attribute must be one of {', '.join((*ATTRIBUTES, 'combined'))}")
+    return value
+
+
 @dataclass
 class Provenance:
     """Where in the detector each prediction came from (one row per prediction).
