@@ -33,7 +33,7 @@ from xaibench.store import STORE_FILE, load_results
 from xaibench.suite import Suite, build_plugin, check_plugins, load_suite
 
 ROOT = Path(__file__).resolve().parents[1]
-SUITES = sorted((ROOT / "leaderboards").glob("*/suite.yaml"))
+SUITES = sorted((ROOT / "leaderboards").glob("paper-*/suite.yaml"))
 TABLES = {"paper-table1", "paper-table3a", "paper-table4"}
 STRIDE = 4
 

@@ -57,6 +57,13 @@ def test_the_good_suite_and_the_embedded_default_validate(tmp_path) -> None:
     assert len(default.methods) == 6 and len(default.detectors) == 2
 
 
+def test_the_committed_default_leaderboard_ran_the_embedded_default_suite() -> None:
+    committed = Path(__file__).parents[1] / "leaderboards" / "default" / "suite.yaml"
+    ran, embedded = load_suite(committed), load_suite()
+    assert ran.store is not None and ran.store.name == embedded.store.name == "default"
+    assert ran.model_copy(update={"store": embedded.store}) == embedded  # the run's own store
+
+
 @pytest.mark.parametrize(
     ("field", "value", "expected"),
     [
