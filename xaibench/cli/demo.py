@@ -41,7 +41,7 @@ def demo(
     split = generate_synthetic(out / "data", num_images, seed=seed, split="demo")
     console.print(f"synthetic scenes: {split.images_dir} (COCO json {split.annotation_file})")
     explainer = METHODS.build(method)
-    table = Table("detector", "image", "detections", "explained", "output")
+    table = Table("detector", "image", "detections", "explained")
     built = {}
     for name in detector:
         wrapped = built[name] = DETECTORS.build(name)
@@ -49,7 +49,7 @@ def demo(
             path = split.images_dir / split.file_name(i)
             image = load_image(path)
             result = explain_image(wrapped, explainer, image, ("score", "combined"), top_k=top_k)
-            json_path = write_explanation(
+            write_explanation(
                 out / name,
                 image,
                 result,
@@ -62,10 +62,12 @@ def demo(
                 path.name,
                 str(len(result.detections)),
                 str(len(result.explained)),
-                str(json_path.parent),
             )
     console.print(table)
-    console.print(f"overlays (PNG), maps (.npy) and detections.json are under {out}")
+    console.print(
+        f"overlays (PNG), maps (.npy) and <image>.detections.json: {out}/<detector>/",
+        highlight=False,
+    )
     if eval_images:
         suite = load_suite(
             None,
