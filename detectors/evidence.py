@@ -40,7 +40,7 @@ from xaibench.detectors.feature_masks import check_masks, masks_to_layer
 from xaibench.detectors.geometry import InputGeometry
 
 from xaibench.detector import Detector, FeatureWindows, GradientMode, WhiteBoxTrace
-from xaibench.images import to_rgb_float, to_rgb_uint8
+from xaibench.images import to_rgb_float
 from xaibench.registry import DETECTORS
 from xaibench.types import Detections, Provenance, Target
 
@@ -147,10 +147,8 @@ class EvidenceDetector(Detector):
                 )
 
     def _tensor(self, image: np.ndarray, name: str) -> torch.Tensor:
-        if np.issubdtype(np.asarray(image).dtype, np.floating):  # [0, 1], kept unrounded
-            return torch.from_numpy(to_rgb_float(image, name=name)).permute(2, 0, 1)
-        rgb = to_rgb_uint8(image, name=name)
-        return torch.from_numpy(np.array(rgb, dtype=np.float32)).permute(2, 0, 1).div(255)
+        # to_rgb_float: uint8 and other images / 255, float images in [0, 1] unrounded
+        return torch.from_numpy(to_rgb_float(image, name=name)).permute(2, 0, 1)
 
     # outputs --------------------------------------------------------------------------
     def detections(self, scores: torch.Tensor, image_size: tuple[int, int]) -> Detections:
