@@ -119,6 +119,24 @@ def test_resume_without_a_checkpoint_and_bad_settings_are_refused(scenes, tmp_pa
 
 
 @pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("- {config: {lr: 0.1}}\n", "expected a mapping of sections config"),
+        ("config: {}\nschedule: cosine\n", "got schedule"),
+        ("config: [unclosed\n", "cannot read it"),
+    ],
+)
+def test_malformed_config_files_name_the_file(tmp_path, text: str, expected: str) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    result = runner.invoke(
+        app, ["train", "baseline", "--config", str(path), "--out", str(tmp_path)]
+    )
+    assert result.exit_code == 2
+    assert f"--config {path}" in _text(result.output) and expected in _text(result.output)
+
+
+@pytest.mark.parametrize(
     ("name", "epochs", "lr", "weight"),
     [
         ("coco_fcos_odam_train.yaml", 12, 0.01, 0.5),

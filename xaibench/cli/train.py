@@ -73,11 +73,16 @@ def read_config_file(path: Path | None) -> tuple[dict[str, Any], dict[str, Any]]
         data = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as err:
         raise typer.BadParameter(f"--config {path}: cannot read it ({err})") from err
-    stray = sorted(set(data) - {"config", "detector_params", "description"})
-    if not isinstance(data, dict) or stray:
+    if not isinstance(data, dict):
+        raise typer.BadParameter(
+            f"--config {path}: expected a mapping of sections config, detector_params (and "
+            f"description); got a {type(data).__name__}"
+        )
+    stray = sorted(map(str, set(data) - {"config", "detector_params", "description"}))
+    if stray:
         raise typer.BadParameter(
             f"--config {path}: expected sections config, detector_params (and description); "
-            f"got {', '.join(stray) or type(data).__name__}"
+            f"got {', '.join(stray)}"
         )
     return dict(data.get("config") or {}), dict(data.get("detector_params") or {})
 
