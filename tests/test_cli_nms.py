@@ -71,7 +71,7 @@ def test_nms_command_writes_tables_results_and_figures(tmp_path, crowd):
 
 def test_nms_command_names_bad_input(tmp_path, crowd):
     result = runner.invoke(app, ["nms", "--strategies", "nms,fancy", "--out", str(tmp_path)])
-    assert result.exit_code != 0 and "fancy" in str(result.exception or result.output)
+    assert result.exit_code == 2 and "unknown nms 'fancy'" in result.output
     result = runner.invoke(app, ["nms", "--dataset", str(crowd.odgt_file), "--strategies", "nms"])
     assert result.exit_code != 0 and "--images is required" in result.output
     result = runner.invoke(
@@ -80,3 +80,17 @@ def test_nms_command_names_bad_input(tmp_path, crowd):
          "--strategies", "nms", "-p", "softnms.sigma=1"],
     )  # fmt: skip
     assert result.exit_code != 0 and "softnms" in result.output
+
+
+def test_missing_data_and_unknown_names_end_in_one_line(tmp_path):
+    missing = tmp_path / "none.odgt"
+    cases = [
+        (["--dataset", str(missing), "--images", str(tmp_path)], f"--dataset: odgt file {missing}"),
+        (["--strategies", "nms,softnmx"], "--strategies: unknown nms 'softnmx'. Did you mean"),
+        (["--detector", "nope", "--max-images", "1"], "--detector: unknown detectors 'nope'"),
+    ]
+    for args, expected in cases:
+        result = runner.invoke(app, ["nms", *args, "--out", str(tmp_path / "out")])
+        assert result.exit_code == 2, result.output
+        assert expected in " ".join(result.output.split())
+        assert "Traceback" not in result.output

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from xaibench.cli.errors import user_errors
 from xaibench.cli.evaluate import scoped_params
 from xaibench.datasets.coco import CocoDataset
 from xaibench.datasets.crowdhuman import CrowdHumanDataset, write_crowddet_results
@@ -64,6 +65,7 @@ def nms(
         0.3, "--figure-score", help="boxes above this score in the kept-boxes figure"
     ),
     out: Path = typer.Option(Path("outputs/nms"), "--out", "-o", help="output folder"),
+    debug: bool = typer.Option(False, "--debug", help="tracebacks (also XAIBENCH_DEBUG=1)"),
 ) -> None:
     """Run each strategy's whole pipeline (detector included) on every image and report
     AP50 / JI / MR^-2 / seconds per image (Table 5) and recall of crowd and sparse people
@@ -80,19 +82,22 @@ def nms(
     )
 
     names = [s.strip() for s in strategies.split(",") if s.strip()]
-    for name in names:
-        NMS.get(name)  # unknown names fail here, with the known ones
+    with user_errors("--strategies", debug):
+        for name in names:
+            NMS.get(name)  # unknown names fail here, with the known ones
     params = scoped_params(param, "--param")
     stray = sorted(set(params) - set(names) - ({"odamnms"} if sweep else set()))
     if stray:
         raise typer.BadParameter(f"--param names {', '.join(stray)}, not in --strategies")
-    data = load_dataset(dataset, images)
-    count = len(data) if max_images is None else min(max_images, len(data))
-    if count == 0:
-        raise typer.BadParameter("the dataset has no images")
+    with user_errors("--dataset", debug):
+        data = load_dataset(dataset, images)
+        count = len(data) if max_images is None else min(max_images, len(data))
+        if count == 0:
+            raise typer.BadParameter("the dataset has no images")
+        samples: list[Sample] = [data[i] for i in range(count)]
     console = Console()
-    model = DETECTORS.build(detector)
-    samples: list[Sample] = [data[i] for i in range(count)]
+    with user_errors("--detector", debug):
+        model = DETECTORS.build(detector)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
     with Progress(*columns, TimeElapsedColumn(), console=console, transient=True) as bar:
         task = bar.add_task("strategies", total=count)
