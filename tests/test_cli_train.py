@@ -154,3 +154,20 @@ def test_paper_settings_ship_as_valid_configs(name, epochs, lr, weight) -> None:
     assert settings.optimizer == "sgd" and settings.odam_weight == weight
     assert settings.total_iterations(118287) == epochs * 7393
     assert params["min_size"] == 800
+
+
+def test_missing_data_and_unknown_names_end_in_one_line(tmp_path) -> None:
+    missing = tmp_path / "none.json"
+    data = ["--dataset", str(missing), "--images", str(tmp_path), "--val-dataset", str(missing)]
+    cases = [
+        (
+            ["baseline", *data, "--val-images", str(tmp_path)],
+            f"--dataset: annotation file {missing}",
+        ),
+        (["baselin"], "RECIPE: unknown recipes 'baselin'. Did you mean 'baseline'?"),
+        (["baseline", "--detector", "nope"], "--detector: unknown detectors 'nope'"),
+    ]
+    for args, expected in cases:
+        result = runner.invoke(app, ["train", *args, "--out", str(tmp_path / "out")])
+        assert result.exit_code == 2, result.output
+        assert expected in _text(result.output) and "Traceback" not in result.output

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ValidationError
 from rich.console import Console
 from torch import nn
 
+from xaibench.cli.errors import user_errors
 from xaibench.cli.explain import parse_params
 from xaibench.datasets.coco import CocoDataset
 from xaibench.datasets.crowdhuman import CrowdHumanDataset, CrowdRecord
@@ -133,12 +134,14 @@ def train(
     device: str | None = typer.Option(None, "--device", help="torch device (default: cuda if any)"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="show the progress bar"),
     out: Path = typer.Option(Path("outputs/train"), "--out", "-o", help="output folder"),
+    debug: bool = typer.Option(False, "--debug", help="tracebacks (also XAIBENCH_DEBUG=1)"),
 ) -> None:
     """Train ``--detector`` with RECIPE on ``--dataset`` (default: the synthetic training
     split), checkpointing into OUT/checkpoints; write OUT/weights.pt (load it with
     ``--detector-param weights=OUT/weights.pt``) and OUT/info.json with the validation AP50."""
     console = Console(stderr=True)
-    fn = RECIPES.get(recipe)
+    with user_errors("RECIPE", debug):
+        fn = RECIPES.get(recipe)
     config_type = config_class(fn, recipe)
     file_config, file_params = read_config_file(config)
     overrides = parse_params(setting)
@@ -163,10 +166,14 @@ def train(
 
     if val_dataset is None and dataset not in SYNTHETIC:
         raise typer.BadParameter(f"--dataset {dataset} needs a --val-dataset for the AP50")
-    train_data = load_training_data(dataset, images)
-    val_data = load_split(val_dataset or dataset, val_images, "val")
+    with user_errors("--dataset", debug):
+        train_data = load_training_data(dataset, images)
+    with user_errors("--val-dataset" if val_dataset else "--dataset", debug):
+        val_data = load_split(val_dataset or dataset, val_images, "val")
     class_names = list(train_data.class_names)
     params = {**file_params, **parse_params(detector_param)}
+    with user_errors("--detector", debug):
+        DETECTORS.get(detector)  # an unknown name lists the known ones
     try:
         model = DETECTORS.build(detector, class_names=class_names, **params).torch_module()
     except TypeError as err:
