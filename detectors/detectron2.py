@@ -317,6 +317,9 @@ class Detectron2RCNN(Detectron2Detector):
     def trace(self, image: np.ndarray) -> RCNNTrace:
         return RCNNTrace(self, image)
 
+    def trace_candidates(self, image: np.ndarray) -> RCNNTrace:
+        return RCNNTrace(self, image, nms=False)
+
     def trace_units(self, image: np.ndarray, units: Detections) -> RCNNTrace:
         """Re-read ``units`` on ``image`` with the current parameters: their own proposal boxes
         (``provenance.proposal_box``) and classes, not this run's proposals."""
@@ -461,6 +464,9 @@ class Detectron2RetinaNet(Detectron2Detector):
 
     def trace(self, image: np.ndarray) -> RetinaNetTrace:
         return RetinaNetTrace(self, image)
+
+    def trace_candidates(self, image: np.ndarray) -> RetinaNetTrace:
+        return RetinaNetTrace(self, image, nms=False)
 
 
 # ----------------------------------------------------------------------------------

@@ -234,7 +234,11 @@ class RCNNTrace(Detectron2Trace):
     detector: Detectron2RCNN
 
     def __init__(
-        self, detector: Detectron2RCNN, image: np.ndarray, units: Detections | None = None
+        self,
+        detector: Detectron2RCNN,
+        image: np.ndarray,
+        units: Detections | None = None,
+        nms: bool = True,
     ) -> None:
         super().__init__(detector, image)
         with torch.no_grad():
@@ -242,7 +246,9 @@ class RCNNTrace(Detectron2Trace):
                 (proposals,) = detector._proposals(self.image_list, self.features)
                 rois = proposals.proposal_boxes.tensor
                 logits, deltas = detector._predict(detector._pool(self.features, [rois]))
-                self.detections = detector._postprocess(logits, deltas, proposals, self.geometry)
+                self.detections = detector._postprocess(
+                    logits, deltas, proposals, self.geometry, nms
+                )
                 self.rois = rois[self.detections.provenance.proposal]
             else:
                 self.detections = units
@@ -364,7 +370,7 @@ class RetinaNetTrace(Detectron2Trace):
 
     detector: Detectron2RetinaNet
 
-    def __init__(self, detector: Detectron2RetinaNet, image: np.ndarray) -> None:
+    def __init__(self, detector: Detectron2RetinaNet, image: np.ndarray, nms: bool = True) -> None:
         super().__init__(detector, image)
         with torch.no_grad():
             self.levels = [self.features[f] for f in detector.feature_levels]
@@ -378,6 +384,7 @@ class RetinaNetTrace(Detectron2Trace):
                 widths,
                 [Boxes(a) for a in self.anchors],
                 self.geometry,
+                nms,
             )
 
     def _has_fast_path(self, layer: str) -> bool:

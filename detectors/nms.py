@@ -2,7 +2,8 @@
 Soft-NMS, FeatureNMS and Odam-NMS (paper Sec. 4.3; DESIGN.md "NMS strategies").
 
 Every strategy starts from the same candidates, ``detector.detect([image], nms=False)``
-(boxes xyxy in original pixels, scores, labels, provenance), keeps those with score >
+(boxes xyxy in original pixels, scores, labels, provenance; Odam-NMS takes the same ones from
+one ``detector.trace_candidates(image)``), keeps those with score >
 ``score_threshold`` and suppresses duplicates within each class. ``strategy.run(detector,
 image)`` is the whole pipeline (detector included, what ``xaibench nms`` times);
 ``strategy.select(candidates, detector, image)`` applies the strategy to given candidates.
@@ -34,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import batched_nms, box_iou
 
-from xaibench.detector import Detector
+from xaibench.detector import Detector, WhiteBoxTrace
 from xaibench.registry import METHODS, NMS
 from xaibench.types import Detections, Target
 
@@ -310,13 +311,33 @@ class OdamNMS(NMSStrategy):
             "odam": self.method.params(),
         }
 
+    def run(self, detector: Detector, image: np.ndarray) -> NMSOutput:
+        """One pass of the detector: a trace of the pre-NMS candidates
+        (``Detector.trace_candidates``), the maps of those above the score threshold on it,
+        then the rule."""
+        trace = detector.trace_candidates(image)
+        candidates = trace.detections
+        pre = self.above_threshold(candidates)
+        if len(pre) == 0:
+            return self.finish(candidates, pre, pre, candidates.scores[pre])
+        maps = self.maps_on(detector, image, trace, pre.tolist())
+        keep, scores = self.keep_from(candidates.index(pre), self.correlations(maps))
+        return self.finish(candidates, pre, keep, scores)
+
+    def maps_on(
+        self, detector: Detector, image: np.ndarray, trace: WhiteBoxTrace, indices: list[int]
+    ) -> torch.Tensor:
+        """ODAM score maps (N, H, W), original-image pixels, of ``trace``'s detections
+        ``indices``, computed together."""
+        targets = [Target(i, "score") for i in indices]
+        maps = self.method.explain(detector, image, targets, trace=trace)
+        return torch.from_numpy(np.stack([m.map for m in maps]))
+
     def heat_maps(self, detector: Detector, image: np.ndarray, candidates: Detections):
         """ODAM score maps of all ``candidates`` (N, H, W), original-image pixels, computed
         together on one trace of their output units."""
         trace = detector.trace_units(image, candidates)
-        targets = [Target(i, "score") for i in range(len(candidates))]
-        maps = self.method.explain(detector, image, targets, trace=trace)
-        return torch.from_numpy(np.stack([m.map for m in maps]))
+        return self.maps_on(detector, image, trace, list(range(len(candidates))))
 
     def correlations(self, maps: torch.Tensor) -> torch.Tensor:
         """(N, N) corr of maps (N, H, W) after resizing to the short edge."""
@@ -325,14 +346,16 @@ class OdamNMS(NMSStrategy):
     def suppress(self, candidates, detector=None, image=None):
         if detector is None or image is None:
             raise ValueError("odamnms needs the detector and the image to compute ODAM maps")
-        corr = self.correlations(self.heat_maps(detector, image, candidates))
-        return self.keep_from(candidates, corr.to(candidates.boxes.device))
+        return self.keep_from(
+            candidates, self.correlations(self.heat_maps(detector, image, candidates))
+        )
 
     def keep_from(
         self, candidates: Detections, corr: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Algorithm 1 given the correlation matrix (N, N) of the candidates' maps."""
         iou = pairwise_iou(candidates)
+        corr = corr.to(iou.device)
         duplicate = odam_duplicates(iou, corr, self.iou_threshold, self.t_high, self.t_low)
         return keep_non_duplicates(candidates, duplicate)
 

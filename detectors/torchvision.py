@@ -317,6 +317,9 @@ class OneStageDetector(TorchvisionDetector):
     def trace(self, image: np.ndarray) -> OneStageTrace:
         return OneStageTrace(self, image)
 
+    def trace_candidates(self, image: np.ndarray) -> OneStageTrace:
+        return OneStageTrace(self, image, nms=False)
+
 
 class _BaseTrace(WindowedTrace):
     """Shared by both families: input preparation, layer lookup, the autograd graph the exact
@@ -464,14 +467,14 @@ class OneStageTrace(_BaseTrace):
 
     detector: OneStageDetector
 
-    def __init__(self, detector: OneStageDetector, image: np.ndarray) -> None:
+    def __init__(self, detector: OneStageDetector, image: np.ndarray, nms: bool = True) -> None:
         super().__init__(detector, image)
         with torch.no_grad():
             self.features = list(detector._features(self.image_list).values())
             self.raw = detector._head(self.features, record=True)
             self.records = detector.local_head.records
             self.anchors = detector.model.anchor_generator(self.image_list, self.features)[0]
-            self.detections = detector._postprocess(self.raw, self.anchors, self.geometry, 0)
+            self.detections = detector._postprocess(self.raw, self.anchors, self.geometry, 0, nms)
         sizes = [f.shape[-2] * f.shape[-1] * detector.num_anchors for f in self.features]
         self.anchor_offsets = torch.tensor([0, *sizes]).cumsum(0)
 
@@ -714,6 +717,9 @@ class FasterRCNNDetector(TorchvisionDetector):
     def trace(self, image: np.ndarray) -> FasterRCNNTrace:
         return FasterRCNNTrace(self, image)
 
+    def trace_candidates(self, image: np.ndarray) -> FasterRCNNTrace:
+        return FasterRCNNTrace(self, image, nms=False)
+
     def trace_units(self, image: np.ndarray, units: Detections) -> FasterRCNNTrace:
         """A trace whose targets are ``units`` (detections of an earlier trace of ``image``):
         each is re-read from its own RoI (``provenance.proposal_box``) and class with the
@@ -736,7 +742,7 @@ class FasterRCNNTrace(_BaseTrace):
 
     detector: FasterRCNNDetector
 
-    def __init__(self, detector: FasterRCNNDetector, image: np.ndarray) -> None:
+    def __init__(self, detector: FasterRCNNDetector, image: np.ndarray, nms: bool = True) -> None:
         super().__init__(detector, image)
         with torch.no_grad():
             self.features = detector._features(self.image_list)
@@ -746,7 +752,7 @@ class FasterRCNNTrace(_BaseTrace):
             )
             self.proposals = proposals
             self.detections = detector._postprocess(
-                logits, regression, proposals, objectness, self.geometry, self.features
+                logits, regression, proposals, objectness, self.geometry, self.features, nms
             )
 
     def layer_names(self) -> list[str]:

@@ -82,3 +82,24 @@ def demo_scene() -> Callable[[int], np.ndarray]:
 
     val = demo_data()["val"]
     return lambda i: val[i].image
+
+
+def assert_one_pass_odam_nms(detector: Detector, image: np.ndarray, candidates: int = 12) -> None:
+    """``trace_candidates`` finds the candidates of ``detect(nms=False)``, and Odam-NMS on
+    that one trace keeps what it keeps on those candidates traced again as units (its
+    threshold set so that ``candidates`` of them pass)."""
+    from xaibench.registry import NMS
+
+    found = detector.detect([image], nms=False)[0]
+    traced = detector.trace_candidates(image).detections
+    torch.testing.assert_close(traced.boxes, found.boxes)
+    torch.testing.assert_close(traced.scores, found.scores)
+    assert torch.equal(traced.labels, found.labels)
+    assert torch.equal(traced.provenance.level, found.provenance.level)
+    assert torch.equal(traced.provenance.class_index, found.provenance.class_index)
+    threshold = float(found.scores.sort(descending=True).values[candidates])
+    strategy = NMS.build("odamnms", score_threshold=threshold)
+    one_pass, two_passes = strategy.run(detector, image), strategy.select(found, detector, image)
+    assert len(one_pass.candidates.index(strategy.above_threshold(found))) == candidates
+    assert one_pass.keep.tolist() == two_passes.keep.tolist()
+    assert len(one_pass.keep) >= 1

@@ -265,6 +265,14 @@ def test_detections_equal_detectron2_inference(d2, r50, family: str, random_imag
     assert_same_ranked_detections(batch[0], detector.detect([other])[0])
 
 
+@needs_detectron2
+@pytest.mark.parametrize("family", FAMILIES)
+def test_odam_nms_explains_the_candidates_of_one_trace(r50, family: str, random_image) -> None:
+    from conftest import assert_one_pass_odam_nms
+
+    assert_one_pass_odam_nms(r50(family), random_image)
+
+
 def assert_same_ranked_detections(got, expected, score_tie: float = 1e-6) -> None:
     """Equal detections, in the same order up to swaps among scores equal within
     ``score_tie``: a batch's convolutions may round differently from a single image's, and

@@ -164,3 +164,11 @@ def test_nms_loses_crowded_people_that_the_crowd_demo_detectors_find(name):
     # NMS at 0.5 loses people in crowds, and far more of them than of people standing apart
     assert lost["crowd"] > 0.1
     assert lost["crowd"] > lost["sparse"] + 0.1
+
+
+@pytest.mark.parametrize("family", ["fcos", "frcnn"])
+def test_odam_nms_explains_the_candidates_of_one_trace(family, random_image):
+    from conftest import assert_one_pass_odam_nms, build
+
+    _, detector = build(family)
+    assert_one_pass_odam_nms(detector, random_image)

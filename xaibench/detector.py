@@ -168,6 +168,13 @@ class Detector(ABC):
             )
         return model
 
+    def trace_candidates(self, image: np.ndarray) -> WhiteBoxTrace:
+        """A trace whose detections are the image's pre-NMS candidates (those of
+        ``detect([image], nms=False)``), for strategies that explain every candidate
+        (Odam-NMS). The default traces them as units of a separate black-box pass; wrappers
+        that post-process inside their trace override it with one pass."""
+        return self.trace_units(image, self.detect([image], nms=False)[0])
+
     def trace_units(self, image: np.ndarray, units: Detections) -> WhiteBoxTrace:
         """A trace of ``image`` whose targets index ``units`` (detections of an earlier trace
         of this image) instead of its own detections: the same output units, by provenance,
