@@ -29,10 +29,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from xaibench.detectors.dense import DenseDetector, RawOutputs
 from xaibench.detectors.geometry import InputGeometry
 from xaibench.detectors.local_head import GN_TOLERANCE, Branch, LocalConvHead, flatten_tower
+from xaibench.detectors.network import Features, NetworkDetector
+from xaibench.detectors.roi import Proposals, RoIAlignSettings, RoIDetector
 
-from xaibench.detector import Detector
 from xaibench.images import to_rgb_float, to_rgb_uint8
 from xaibench.types import Detections, Provenance
 
@@ -47,7 +49,7 @@ try:
         from detectron2.config import CfgNode
         from detectron2.data import transforms as d2_transforms
         from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
-        from detectron2.layers import FrozenBatchNorm2d, batched_nms
+        from detectron2.layers import FrozenBatchNorm2d, ROIAlign, batched_nms
         from detectron2.modeling import GeneralizedRCNN, RetinaNet, build_model
         from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
         from detectron2.modeling.poolers import assign_boxes_to_levels
@@ -61,7 +63,6 @@ try:
             load_weights,
             small_config,
         )
-        from xaibench.detectors.detectron2_traces import RCNNTrace, RetinaNetTrace
 except ImportError as err:  # pragma: no cover - exercised in a subprocess by the tests
     raise ImportError(f"{INSTALL_HINT} ({err})") from err
 
@@ -88,7 +89,7 @@ COCO_THING_CLASSES: list[str] = [c["name"] for c in COCO_CATEGORIES if c["isthin
 # ----------------------------------------------------------------------------------
 
 
-class Detectron2Detector(Detector):
+class Detectron2Detector(NetworkDetector):
     """Common plumbing: detectron2's test-time input transform, backbone and geometry."""
 
     def __init__(
@@ -128,8 +129,9 @@ class Detectron2Detector(Detector):
         shapes = model.backbone.output_shape()
         self.strides = {name: shapes[name].stride for name in shapes}
         self.feature_levels = self._levels(sorted(shapes, key=lambda n: shapes[n].stride))
+        has_bottom_up = getattr(model.backbone, "bottom_up", None) is not None
+        self.stage_module = "backbone.bottom_up" if has_bottom_up else "backbone"
 
-    # -- subclasses -----------------------------------------------------------------
     def _num_classes(self) -> int:
         raise NotImplementedError
 
@@ -137,12 +139,6 @@ class Detectron2Detector(Detector):
         """The feature levels that ``Provenance.level`` indexes."""
         return outputs
 
-    def _detect_from_features(
-        self, image_list: ImageList, features: dict[str, torch.Tensor], geometry, nms: bool
-    ) -> list[Detections]:
-        raise NotImplementedError
-
-    # -- shared ---------------------------------------------------------------------
     def _inputs(self, images: Sequence[np.ndarray]) -> list[dict[str, Any]]:
         """detectron2 input dicts, exactly as ``DefaultPredictor`` builds them."""
         inputs = []
@@ -158,7 +154,7 @@ class Detectron2Detector(Detector):
             inputs.append({"image": tensor, "height": rgb.shape[0], "width": rgb.shape[1]})
         return inputs
 
-    def _prepare(self, images: Sequence[np.ndarray]) -> tuple[ImageList, list[InputGeometry]]:
+    def prepare(self, images: Sequence[np.ndarray]) -> tuple[ImageList, list[InputGeometry]]:
         inputs = self._inputs(images)
         image_list = self.model.preprocess_image(inputs)
         padded = tuple(image_list.tensor.shape[-2:])
@@ -168,21 +164,24 @@ class Detectron2Detector(Detector):
         ]
         return image_list, geometry
 
-    def _features(self, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.model.backbone(tensor)
+    def prepare_differentiable(self, images: torch.Tensor, geometry: InputGeometry) -> ImageList:
+        """detectron2's input transform made differentiable: bilinear resize (torch, where
+        detectron2 resizes uint8 images with PIL), pixel format, normalisation and padding."""
+        model = self.model
+        x = images.float() * 255.0
+        if self.input_format == "BGR":
+            x = x.flip(1)
+        if geometry.resized != geometry.original:
+            x = F.interpolate(x, size=geometry.resized, mode="bilinear", align_corners=False)
+        x = (x - model.pixel_mean) / model.pixel_std
+        pad_h, pad_w = geometry.padded[0] - x.shape[-2], geometry.padded[1] - x.shape[-1]
+        return ImageList(F.pad(x, (0, pad_w, 0, pad_h)), [geometry.resized] * len(images))
 
-    @torch.no_grad()
-    def detect(
-        self, images: Sequence[np.ndarray], batch_size: int = 8, nms: bool = True
-    ) -> list[Detections]:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        results: list[Detections] = []
-        for start in range(0, len(images), batch_size):
-            image_list, geometry = self._prepare(images[start : start + batch_size])
-            features = self._features(image_list.tensor)
-            results.extend(self._detect_from_features(image_list, features, geometry, nms))
-        return results
+    def repeat_input(self, inputs: ImageList, copies: int) -> ImageList:
+        return ImageList(inputs.tensor.expand(copies, -1, -1, -1), inputs.image_sizes * copies)
+
+    def features(self, inputs: ImageList) -> Features:
+        return self.model.backbone(inputs.tensor)
 
     def _finish(self, result: Instances, geometry: InputGeometry) -> Instances:
         """detectron2's ``detector_postprocess``: boxes to the original image, clipped, empty
@@ -195,7 +194,7 @@ def _cells(centres: torch.Tensor, stride: torch.Tensor) -> torch.Tensor:
     return torch.div(centres, stride[:, None], rounding_mode="floor").long()
 
 
-class Detectron2RCNN(Detectron2Detector):
+class Detectron2RCNN(Detectron2Detector, RoIDetector):
     """Faster R-CNN (``GeneralizedRCNN`` with standard RoI heads). Provenance: the proposal
     (index and box), its pooled FPN level, the cell of its centre there, and the class;
     objectness is the RPN's (sigmoid of its logit)."""
@@ -215,15 +214,17 @@ class Detectron2RCNN(Detectron2Detector):
     def _num_classes(self) -> int:
         return int(self.model.roi_heads.num_classes)
 
-    def _proposals(self, image_list: ImageList, features: dict[str, torch.Tensor]):
-        proposals, _ = self.model.proposal_generator(image_list, features, None)
-        return proposals
+    def proposals(self, inputs: ImageList, features: Features) -> list[Proposals]:
+        proposals, _ = self.model.proposal_generator(inputs, features, None)
+        return [
+            Proposals(p.proposal_boxes.tensor, p.objectness_logits.sigmoid()) for p in proposals
+        ]
 
-    def _pool(self, features: dict[str, torch.Tensor], rois: list[torch.Tensor]) -> torch.Tensor:
+    def pool(self, inputs: ImageList, features: Features, rois: list[torch.Tensor]) -> torch.Tensor:
         pooler = self.model.roi_heads.box_pooler
         return pooler([features[f] for f in self.box_in_features], [Boxes(r) for r in rois])
 
-    def _predict(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def predict(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         heads = self.model.roi_heads
         return heads.box_predictor(heads.box_head(pooled))
 
@@ -233,49 +234,54 @@ class Detectron2RCNN(Detectron2Detector):
             return logits.sigmoid()
         return F.softmax(logits, dim=-1)
 
-    def _roi_levels(self, rois: torch.Tensor) -> torch.Tensor:
-        """Index into ``box_in_features`` of the level each RoI (resized px) is pooled from."""
+    def unit_outputs(self, logits, deltas, rois, class_index):
+        rows = torch.arange(len(rois), device=rois.device)
+        cls = class_index - 1  # detectron2's class
+        boxes = self.model.roi_heads.box_predictor.box2box_transform.apply_deltas(deltas, rois)
+        boxes = boxes.view(len(rois), -1, 4)
+        boxes = boxes[rows, cls] if boxes.shape[1] > 1 else boxes[:, 0]
+        return self._probs(logits)[rows, cls], boxes
+
+    def roi_levels(self, rois: torch.Tensor) -> torch.Tensor:
         pooler = self.model.roi_heads.box_pooler
+        index = [self.feature_levels.index(name) for name in self.box_in_features]
+        index = torch.tensor(index, dtype=torch.long, device=rois.device)
         if len(pooler.level_poolers) == 1:
-            return torch.zeros(len(rois), dtype=torch.long, device=rois.device)
-        return assign_boxes_to_levels(
+            return index[torch.zeros(len(rois), dtype=torch.long, device=rois.device)]
+        pooled = assign_boxes_to_levels(
             [Boxes(rois)],
             pooler.min_level,
             pooler.max_level,
             pooler.canonical_box_size,
             pooler.canonical_level,
         )
+        return index[pooled]
 
-    def _pooled_level_index(self, device: torch.device) -> torch.Tensor:
-        """For each pooled level (``box_in_features``), its index in ``feature_levels``."""
-        index = [self.feature_levels.index(name) for name in self.box_in_features]
-        return torch.tensor(index, dtype=torch.long, device=device)
-
-    def _detect_from_features(self, image_list, features, geometry, nms):
-        proposals = self._proposals(image_list, features)
-        rois = [p.proposal_boxes.tensor for p in proposals]
-        logits, deltas = self._predict(self._pool(features, rois))
-        counts = [len(p) for p in proposals]
-        return [
-            self._postprocess(lg, dl, p, g, nms)
-            for lg, dl, p, g in zip(
-                logits.split(counts), deltas.split(counts), proposals, geometry, strict=True
+    def roi_aligns(self) -> dict[int, RoIAlignSettings] | None:
+        poolers = self.model.roi_heads.box_pooler.level_poolers
+        if not all(isinstance(p, ROIAlign) for p in poolers):
+            return None
+        return {
+            self.feature_levels.index(name): RoIAlignSettings(
+                p.spatial_scale, p.sampling_ratio, p.aligned
             )
-        ]
+            for name, p in zip(self.box_in_features, poolers, strict=True)
+        }
 
-    def _postprocess(
+    def postprocess(
         self,
         logits: torch.Tensor,
         deltas: torch.Tensor,
-        proposals: Instances,
+        proposals: Proposals,
         geometry: InputGeometry,
+        features: Features,
         nms: bool = True,
     ) -> Detections:
         """``FastRCNNOutputLayers.inference`` and ``detector_postprocess`` for one image,
         keeping the proposal index of each detection (``nms=False``: all candidates above the
         score threshold, by descending score)."""
         predictor = self.model.roi_heads.box_predictor
-        rois = proposals.proposal_boxes.tensor
+        rois = proposals.boxes
         boxes = predictor.box2box_transform.apply_deltas(deltas, rois)
         probs = self._probs(logits)
         valid = torch.where(torch.isfinite(boxes).all(1) & torch.isfinite(probs).all(1))[0]
@@ -290,7 +296,7 @@ class Detectron2RCNN(Detectron2Detector):
         result.proposal = valid[kept]  # kept indexes the finite rows
         result = self._finish(result, geometry)
         proposal = result.proposal
-        level = self._pooled_level_index(rois.device)[self._roi_levels(rois[proposal])]
+        level = self.roi_levels(rois[proposal])
         strides = [float(self.strides[name]) for name in self.feature_levels]
         stride = torch.tensor(strides, device=rois.device)[level]
         cells = _cells((rois[proposal, :2] + rois[proposal, 2:]) / 2, stride)
@@ -301,7 +307,7 @@ class Detectron2RCNN(Detectron2Detector):
             scores=result.scores,
             labels=labels,
             class_probs=torch.cat((p[:, -1:], p[:, :-1]), 1),
-            objectness=proposals.objectness_logits[proposal].sigmoid(),
+            objectness=proposals.objectness[proposal],
             provenance=Provenance(
                 level=level,
                 y=cells[:, 1],
@@ -314,23 +320,12 @@ class Detectron2RCNN(Detectron2Detector):
             image_size=geometry.original,
         )
 
-    def trace(self, image: np.ndarray) -> RCNNTrace:
-        return RCNNTrace(self, image)
 
-    def trace_candidates(self, image: np.ndarray) -> RCNNTrace:
-        return RCNNTrace(self, image, nms=False)
-
-    def trace_units(self, image: np.ndarray, units: Detections) -> RCNNTrace:
-        """Re-read ``units`` on ``image`` with the current parameters: their own proposal boxes
-        (``provenance.proposal_box``) and classes, not this run's proposals."""
-        return RCNNTrace(self, image, units=units)
-
-
-class Detectron2RetinaNet(Detectron2Detector):
+class Detectron2RetinaNet(Detectron2Detector, DenseDetector):
     """RetinaNet. Provenance: level (``head_in_features``), cell, anchor and class.
 
-    ``gn_tolerance`` and ``exact_level_cells``: when the head uses GroupNorm, as for
-    ``xaibench.detectors.torchvision.OneStageDetector``."""
+    ``gn_tolerance`` and ``exact_level_cells``: the GroupNorm guard when the head uses
+    GroupNorm (``LocalConvHead``)."""
 
     def __init__(
         self,
@@ -340,8 +335,6 @@ class Detectron2RetinaNet(Detectron2Detector):
         **kwargs: Any,
     ) -> None:
         super().__init__(model, **kwargs)
-        self.gn_tolerance = gn_tolerance
-        self.exact_level_cells = exact_level_cells
         head = model.head
         self.num_anchors = int(model.anchor_generator.num_cell_anchors[0])
         try:
@@ -349,7 +342,9 @@ class Detectron2RetinaNet(Detectron2Detector):
                 {
                     "cls": Branch(flatten_tower(head.cls_subnet), {"cls_score": head.cls_score}),
                     "reg": Branch(flatten_tower(head.bbox_subnet), {"bbox_pred": head.bbox_pred}),
-                }
+                },
+                gn_tolerance,
+                exact_level_cells,
             )
         except NotImplementedError:  # e.g. per-level BatchNorm: gradients take the exact path
             self.local_head = None
@@ -360,49 +355,38 @@ class Detectron2RetinaNet(Detectron2Detector):
     def _levels(self, outputs: list[str]) -> list[str]:
         return list(self.model.head_in_features)
 
-    def _head(
-        self, levels: list[torch.Tensor], record: bool = False
-    ) -> list[dict[str, torch.Tensor]]:
+    def head_outputs(self, levels: list[torch.Tensor]) -> RawOutputs:
         """Raw head outputs per level: ``cls_score`` (N, A*K, h, w), ``bbox_pred`` (N, A*4,
         h, w)."""
-        if self.local_head is None:
-            logits, deltas = self.model.head(levels)
-            return [{"cls_score": c, "bbox_pred": b} for c, b in zip(logits, deltas, strict=True)]
-        if record:
-            self.local_head.records = {name: [] for name in self.local_head.branches}
-        return [self.local_head.forward_level(f, record) for f in levels]
+        logits, deltas = self.model.head(levels)
+        return [{"cls_score": c, "bbox_pred": b} for c, b in zip(logits, deltas, strict=True)]
 
-    def _detect_from_features(self, image_list, features, geometry, nms):
-        levels = [features[f] for f in self.feature_levels]
-        scores, deltas, widths = self._flatten(self._head(levels))
-        anchors = self.model.anchor_generator(levels)
-        return [
-            self._postprocess(
-                [s[i] for s in scores], [d[i] for d in deltas], widths, anchors, g, nms
-            )
-            for i, g in enumerate(geometry)
-        ]
+    def anchors(self, inputs: ImageList, levels: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [b.tensor for b in self.model.anchor_generator(levels)]
 
-    def _flatten(self, raw: list[dict[str, torch.Tensor]]):
-        """Per level: class scores (N, h*w*A, K) (sigmoid), box deltas (N, h*w*A, 4) in
-        detectron2's anchor order, and the level's width."""
-        scores = [permute_to_N_HWA_K(r["cls_score"], self.model.num_classes).sigmoid() for r in raw]
-        deltas = [permute_to_N_HWA_K(r["bbox_pred"], 4) for r in raw]
-        return scores, deltas, [int(r["cls_score"].shape[-1]) for r in raw]
+    def unit_outputs(self, cells, anchor, class_index, anchor_boxes):
+        t, a = len(anchor), self.num_anchors
+        rows = torch.arange(t, device=anchor.device)
+        scores = cells["cls_score"].view(t, a, -1)[rows, anchor, class_index - 1].sigmoid()
+        deltas = cells["bbox_pred"].view(t, a, 4)[rows, anchor]
+        return scores, self.model.box2box_transform.apply_deltas(deltas, anchor_boxes)
 
-    def _postprocess(
+    def postprocess(
         self,
-        scores: list[torch.Tensor],
-        deltas: list[torch.Tensor],
-        widths: list[int],
-        anchors: list[Boxes],
+        raw: RawOutputs,
+        anchors: list[torch.Tensor],
         geometry: InputGeometry,
+        index: int,
         nms: bool = True,
     ) -> Detections:
         """RetinaNet's ``inference_single_image`` (per-level threshold and top-k, decoding,
-        class-wise NMS) and ``detector_postprocess`` for one image (per level: class scores
-        (h*w*A, K), deltas (h*w*A, 4)), keeping level, anchor and class of each detection."""
+        class-wise NMS) and ``detector_postprocess`` for image ``index``, keeping level,
+        anchor and class of each detection."""
         m = self.model
+        one = [{k: v[index : index + 1] for k, v in r.items()} for r in raw]
+        scores = [permute_to_N_HWA_K(r["cls_score"], m.num_classes)[0].sigmoid() for r in one]
+        deltas = [permute_to_N_HWA_K(r["bbox_pred"], 4)[0] for r in one]
+        widths = [int(r["cls_score"].shape[-1]) for r in one]
         a = self.num_anchors
         boxes, kept_scores, classes, probs, prov = [], [], [], [], []
         for level, (class_scores, level_deltas, width, level_anchors) in enumerate(
@@ -417,7 +401,7 @@ class Detectron2RetinaNet(Detectron2Detector):
             anchor_idxs, class_idxs = candidates[order].unbind(dim=1)
             boxes.append(
                 m.box2box_transform.apply_deltas(
-                    level_deltas[anchor_idxs], level_anchors.tensor[anchor_idxs]
+                    level_deltas[anchor_idxs], level_anchors[anchor_idxs]
                 )
             )
             kept_scores.append(level_scores)
@@ -461,12 +445,6 @@ class Detectron2RetinaNet(Detectron2Detector):
             provenance=Provenance(level=level, y=y, x=x, anchor=anchor, class_index=labels),
             image_size=geometry.original,
         )
-
-    def trace(self, image: np.ndarray) -> RetinaNetTrace:
-        return RetinaNetTrace(self, image)
-
-    def trace_candidates(self, image: np.ndarray) -> RetinaNetTrace:
-        return RetinaNetTrace(self, image, nms=False)
 
 
 # ----------------------------------------------------------------------------------
@@ -602,8 +580,8 @@ def calibrate_frozen_batchnorm(detector: Detectron2Detector, images: Sequence[np
     handles = [m.register_forward_pre_hook(take_statistics) for m in frozen]
     try:
         with torch.no_grad():
-            image_list, _ = detector._prepare(images)
-            detector._features(image_list.tensor)
+            image_list, _ = detector.prepare(images)
+            detector.features(image_list)
     finally:
         for h in handles:
             h.remove()

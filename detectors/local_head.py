@@ -26,7 +26,9 @@ take the exact route: there it costs no more than the windows.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -168,6 +170,22 @@ class LevelRecord:
     leaves: list[LeafRecord] = field(default_factory=list)
 
 
+HeadRecords = dict[str, list[LevelRecord]]
+"""A recorded forward pass: per branch, one ``LevelRecord`` per level."""
+
+
+class WindowPart(NamedTuple):
+    """Input gradients of some targets of one level: ``rows`` (positions among the targets
+    given), ``gradients`` (T, C, h_w, w_w) on windows whose top-left cells are ``origin``
+    (T, 2) (row, col; may lie off the level), and the level's ``activations`` on the same
+    windows (zero off the level)."""
+
+    rows: torch.Tensor
+    gradients: torch.Tensor
+    origin: torch.Tensor
+    activations: torch.Tensor
+
+
 @dataclass
 class WindowGradients:
     """Windowed input gradients (T, C, 2R+1, 2R+1) and, per target, the largest relative
@@ -178,16 +196,45 @@ class WindowGradients:
 
 
 class LocalConvHead:
-    """Runs a one-stage head level by level and back-propagates per-cell outputs on windows."""
+    """Runs a one-stage head level by level and back-propagates per-cell outputs on windows.
 
-    def __init__(self, branches: dict[str, Branch]) -> None:
+    The GroupNorm guard is set here: a target whose windowed gradient leaves out more than
+    ``gn_tolerance`` (relative norm, on a level of ``GN_REFERENCE_CELLS`` cells;
+    ``level_tolerance`` scales it to other sizes) of the statistics term is back-propagated
+    exactly, as is every target on a level of at most ``exact_level_cells`` cells (``None``:
+    no more cells than one window)."""
+
+    def __init__(
+        self,
+        branches: dict[str, Branch],
+        gn_tolerance: float = GN_TOLERANCE,
+        exact_level_cells: int | None = None,
+    ) -> None:
         self.branches = branches
         self.radius = max(b.radius for b in branches.values())
-        self.records: dict[str, list[LevelRecord]] = {name: [] for name in branches}
+        self.gn_tolerance = gn_tolerance
+        self.exact_level_cells = exact_level_cells
 
-    def forward_level(self, x: torch.Tensor, record: bool) -> dict[str, torch.Tensor]:
-        """Raw output maps {output name: (N, C_out, h, w)} of one level (pre-activation)."""
+    def forward(
+        self, levels: Sequence[torch.Tensor], record: bool = False
+    ) -> tuple[list[dict[str, torch.Tensor]], HeadRecords | None]:
+        """Raw output maps per level ({output name: (N, C_out, h, w)}, pre-activation) and,
+        with ``record``, what the backward passes of the first image need."""
+        outputs, records = [], {name: [] for name in self.branches} if record else None
+        for x in levels:
+            out, level_records = self.forward_level(x, record)
+            outputs.append(out)
+            if records is not None:
+                for name, rec in level_records.items():
+                    records[name].append(rec)
+        return outputs, records
+
+    def forward_level(
+        self, x: torch.Tensor, record: bool = False
+    ) -> tuple[dict[str, torch.Tensor], dict[str, LevelRecord]]:
+        """One level's raw output maps and, with ``record``, each branch's record of it."""
         out: dict[str, torch.Tensor] = {}
+        records: dict[str, LevelRecord] = {}
         for name, branch in self.branches.items():
             rec = LevelRecord()
             t = x
@@ -200,8 +247,8 @@ class LocalConvHead:
             for out_name, conv in branch.outputs.items():
                 out[out_name] = conv(t)
             if record:
-                self.records[name].append(rec)
-        return out
+                records[name] = rec
+        return out, records
 
     @property
     def has_group_norm(self) -> bool:
@@ -215,7 +262,7 @@ class LocalConvHead:
         ys: torch.Tensor,
         xs: torch.Tensor,
         cotangents: dict[str, torch.Tensor],
-        records: dict[str, list[LevelRecord]],
+        records: HeadRecords,
     ) -> torch.Tensor:
         """Exact d(sum_o cot[t, o] * out_o[y_t, x_t]) / d(level input) over the whole level
         of ``shape`` (h, w), GroupNorm statistics included: one batched backward pass over the
@@ -256,7 +303,7 @@ class LocalConvHead:
         ys: torch.Tensor,
         xs: torch.Tensor,
         cotangents: dict[str, torch.Tensor],
-        records: dict[str, list[LevelRecord]],
+        records: HeadRecords,
         create_graph: bool = False,
     ) -> WindowGradients:
         """d(sum_o cot[t, o] * out_o[y_t, x_t]) / d(level input) on each cell's window.
@@ -281,7 +328,7 @@ class LocalConvHead:
         ys: torch.Tensor,
         xs: torch.Tensor,
         cotangents: dict[str, torch.Tensor],
-        records: dict[str, list[LevelRecord]],
+        records: HeadRecords,
         create_graph: bool,
     ) -> WindowGradients:
         if not any(o in cotangents for b in self.branches.values() for o in b.outputs):
@@ -369,18 +416,16 @@ class LocalConvHead:
         ys: torch.Tensor,
         xs: torch.Tensor,
         cotangents: dict[str, torch.Tensor],
-        records: dict[str, list[LevelRecord]],
-        gn_tolerance: float,
-        exact_level_cells: int | None,
-        pad: int,
-    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Input gradients of the targets at (ys, xs) of one level ``feat`` (C, h, w), as parts
-        ``(positions in ys, gradients, origin (T, 2) (y, x) in cells, activations)`` with
+        records: HeadRecords,
+        pad: int = 0,
+    ) -> list[WindowPart]:
+        """Input gradients of the targets at (ys, xs) of one level ``feat`` (C, h, w), with
         ``pad`` extra cells on every side. Windowed, except on a GroupNorm head for targets
         whose left-out statistics term exceeds ``level_tolerance(gn_tolerance, h * w)``
-        (relative norm) and for levels of at most ``exact_level_cells`` cells (``None``: the
-        window's (2R+1)^2): those get the whole level, exactly."""
+        (relative norm) and for levels of at most ``exact_level_cells`` cells: those get the
+        whole level, exactly."""
         h, w = feat.shape[-2:]
+        exact_level_cells = self.exact_level_cells
         if exact_level_cells is None:
             exact_level_cells = (2 * self.radius + 1) ** 2
         parts = []
@@ -388,20 +433,20 @@ class LocalConvHead:
             redo = torch.arange(len(ys), device=ys.device)
         else:
             windowed = self.window_gradients(level, (h, w), ys, xs, cotangents, records)
-            exact = windowed.gn_error > level_tolerance(gn_tolerance, h * w)
+            exact = windowed.gn_error > level_tolerance(self.gn_tolerance, h * w)
             keep, redo = torch.where(~exact)[0], torch.where(exact)[0]
             if len(keep):
                 r = self.radius + pad
                 grads = windowed.grads if len(keep) == len(ys) else windowed.grads[keep]
                 origin = torch.stack((ys[keep], xs[keep]), 1).cpu() - r
                 acts = gather_windows(feat, ys[keep], xs[keep], r)
-                parts.append((keep, _pad(grads, pad), origin, acts))
+                parts.append(WindowPart(keep, _pad(grads, pad), origin, acts))
         if len(redo):
             cot = {n: c[redo] for n, c in cotangents.items()}
             grads = self.level_gradients(level, (h, w), ys[redo], xs[redo], cot, records)
             acts = _pad(feat, pad)[None].expand(len(redo), -1, -1, -1)
             origin = torch.full((len(redo), 2), -pad, dtype=torch.long)
-            parts.append((redo, _pad(grads, pad), origin, acts))
+            parts.append(WindowPart(redo, _pad(grads, pad), origin, acts))
         return parts
 
 

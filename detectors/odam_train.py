@@ -163,9 +163,9 @@ def fcos_losses_and_maps(
     head = one_stage_local_head(model)
     raws, records = [], []
     for i in range(len(images)):
-        head.records = {name: [] for name in head.branches}
-        raws.append([head.forward_level(f[i : i + 1], record=True) for f in features])
-        records.append(head.records)
+        raw, record = head.forward([f[i : i + 1] for f in features], record=True)
+        raws.append(raw)
+        records.append(record)
     flat = {
         name: torch.cat([torch.cat([_flatten(level[name]) for level in raw], 1) for raw in raws], 0)
         for name in raws[0][0]

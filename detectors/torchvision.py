@@ -1,8 +1,10 @@
-"""torchvision detectors (FCOS, RetinaNet, Faster R-CNN) behind the harness's two views.
+"""torchvision detectors (FCOS, RetinaNet, Faster R-CNN): the framework adapter of the dense and
+RoI traces (``detectors/dense.py``, ``detectors/roi.py``).
 
 The post-processing below is torchvision's own (same thresholds, same order of operations,
 so the same boxes, scores and labels) with the indices kept: which level, cell, anchor,
-class and proposal produced each detection.
+class and proposal produced each detection. Labels are torchvision's: background at 0,
+objects 1..K, ``class_probs`` column 0 the background (zero for sigmoid heads).
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,35 +23,29 @@ from torchvision.models import detection as tvd
 from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import boxes as box_ops
-from xaibench.detectors.feature_masks import check_masks, masks_to_layer
+from xaibench.detectors.dense import DenseDetector, RawOutputs
 from xaibench.detectors.geometry import InputGeometry
-from xaibench.detectors.local_head import (
-    GN_TOLERANCE,
-    Branch,
-    LocalConvHead,
-    flatten_tower,
-)
+from xaibench.detectors.local_head import GN_TOLERANCE, Branch, LocalConvHead, flatten_tower
+from xaibench.detectors.network import Features, NetworkDetector
+from xaibench.detectors.roi import Proposals, RoIAlignSettings, RoIDetector
 from xaibench.detectors.training import check_finite
 from xaibench.detectors.weights import pretrained, warn_random
-from xaibench.detectors.windows import WindowedTrace
 
-from xaibench.detector import Detector, FeatureWindows
 from xaibench.images import to_rgb_float, to_rgb_uint8
 from xaibench.registry import DETECTORS
-from xaibench.types import ATTRIBUTES, Detections, Provenance, Target
+from xaibench.types import Detections, Provenance
 
 COCO_CLASS_NAMES: list[str] = [
     str(name) for name in tvd.FasterRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"]
 ]
+PROBE_SIZE = 256
+"""Side (px) of the blank input run once at construction to name the feature levels."""
 
 
-def box_edges(boxes: torch.Tensor) -> torch.Tensor:
-    """Box edges measured outwards (-x1, -y1, x2, y2): the values box targets explain."""
-    return boxes * boxes.new_tensor([-1.0, -1.0, 1.0, 1.0])
+class TorchvisionDetector(NetworkDetector):
+    """Common plumbing: input conversion, transform, backbone, level names."""
 
-
-class TorchvisionDetector(Detector):
-    """Common plumbing: input conversion, transform, backbone, geometry, black-box batching."""
+    stage_module = "backbone.body"
 
     def __init__(
         self,
@@ -76,16 +71,26 @@ class TorchvisionDetector(Detector):
                 f"{num_classes} classes (index 0 is the background)"
             )
         self.class_names = list(class_names)
-        self.feature_levels: list[str] = []
+        self.feature_keys, self.feature_levels = self._name_levels()
 
-    # -- subclasses -----------------------------------------------------------------
     def _num_classes(self) -> int:
         raise NotImplementedError
 
-    def _detect_batch(self, images: ImageList, geometry: list[InputGeometry], nms: bool):
-        raise NotImplementedError
+    def _name_levels(self) -> tuple[list[str], list[str]]:
+        """The backbone's output keys and the level names ``p<k>`` (stride 2^k) they get,
+        from one blank input: pyramid levels double their stride."""
+        blank = torch.zeros(1, 3, PROBE_SIZE, PROBE_SIZE, device=self.device)
+        with torch.no_grad():
+            outputs = self._backbone(blank)
+        first = round(math.log2(PROBE_SIZE / next(iter(outputs.values())).shape[-2]))
+        return list(outputs), [f"p{first + i}" for i in range(len(outputs))]
 
-    # -- shared ---------------------------------------------------------------------
+    def _backbone(self, tensors: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        features = self.model.backbone(tensors)
+        if isinstance(features, torch.Tensor):
+            features = OrderedDict([("0", features)])
+        return features
+
     def _to_tensors(self, images: Sequence[np.ndarray]) -> list[torch.Tensor]:
         out = []
         for i, image in enumerate(images):
@@ -98,7 +103,7 @@ class TorchvisionDetector(Detector):
             out.append(t.to(self.device, dtype=torch.float32).div_(255.0))
         return out
 
-    def _prepare(self, images: Sequence[np.ndarray]) -> tuple[ImageList, list[InputGeometry]]:
+    def prepare(self, images: Sequence[np.ndarray]) -> tuple[ImageList, list[InputGeometry]]:
         tensors = self._to_tensors(images)
         image_list, _ = self.model.transform(tensors)
         padded = tuple(image_list.tensors.shape[-2:])
@@ -108,28 +113,21 @@ class TorchvisionDetector(Detector):
         ]
         return image_list, geometry
 
-    def _features(self, image_list: ImageList) -> OrderedDict[str, torch.Tensor]:
-        features = self.model.backbone(image_list.tensors)
-        if isinstance(features, torch.Tensor):
-            features = OrderedDict([("0", features)])
-        # pyramid levels double their stride: name them p<k> from the finest one's stride
-        padded_h = image_list.tensors.shape[-2]
-        first = round(math.log2(padded_h / next(iter(features.values())).shape[-2]))
-        self.feature_levels = [f"p{first + i}" for i in range(len(features))]
-        return features
+    def prepare_differentiable(self, images: torch.Tensor, geometry: InputGeometry) -> ImageList:
+        """torchvision's transform (normalise, bilinear resize, pad) is differentiable."""
+        image_list, _ = self.model.transform(list(images))
+        return image_list
 
-    @torch.no_grad()
-    def detect(
-        self, images: Sequence[np.ndarray], batch_size: int = 8, nms: bool = True
-    ) -> list[Detections]:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        results: list[Detections] = []
-        for start in range(0, len(images), batch_size):
-            chunk = images[start : start + batch_size]
-            image_list, geometry = self._prepare(chunk)
-            results.extend(self._detect_batch(image_list, geometry, nms))
-        return results
+    def repeat_input(self, inputs: ImageList, copies: int) -> ImageList:
+        return ImageList(inputs.tensors.expand(copies, -1, -1, -1), inputs.image_sizes * copies)
+
+    def features(self, inputs: ImageList) -> Features:
+        levels = self._backbone(inputs.tensors).values()
+        return OrderedDict(zip(self.feature_levels, levels, strict=True))
+
+    def _keyed(self, features: Features) -> OrderedDict[str, torch.Tensor]:
+        """``features`` under the backbone's own keys, as torchvision's heads read them."""
+        return OrderedDict(zip(self.feature_keys, features.values(), strict=True))
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -138,31 +136,16 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _masked(level: torch.Tensor, masks: torch.Tensor, geometry: InputGeometry) -> torch.Tensor:
-    """A level (1, C, h, w) times each of ``masks`` (B, h_m, w_m) placed on it -> (B, C, h, w)."""
-    return level * masks_to_layer(masks, geometry, tuple(level.shape[-2:]))[:, None].to(level)
-
-
-def _masking_hook(masks: torch.Tensor, geometry: InputGeometry) -> Callable[..., Any]:
-    """A forward hook multiplying a module's output (B, C, h, w), or each map of a dict of
-    them, by ``masks`` (B, h_m, w_m) over the original image placed on its cells."""
-
-    def hook(_module: nn.Module, _inputs: Any, output: Any) -> Any:
-        if isinstance(output, torch.Tensor):
-            return _masked(output, masks, geometry)
-        if isinstance(output, dict):
-            return type(output)((k, _masked(v, masks, geometry)) for k, v in output.items())
-        raise TypeError(f"cannot mask a module output of type {type(output).__name__}")
-
-    return hook
-
-
 # ----------------------------------------------------------------------------------
 # One-stage: FCOS and RetinaNet
 # ----------------------------------------------------------------------------------
 
 
-def one_stage_local_head(model: tvd.FCOS | tvd.RetinaNet) -> LocalConvHead:
+def one_stage_local_head(
+    model: tvd.FCOS | tvd.RetinaNet,
+    gn_tolerance: float = GN_TOLERANCE,
+    exact_level_cells: int | None = None,
+) -> LocalConvHead:
     """The head of a torchvision FCOS or RetinaNet as a ``LocalConvHead`` over its modules
     (branches ``cls``: ``cls_logits``; ``reg``: ``bbox_reg`` and, for FCOS, ``bbox_ctrness``)."""
     head = model.head
@@ -176,18 +159,17 @@ def one_stage_local_head(model: tvd.FCOS | tvd.RetinaNet) -> LocalConvHead:
                 {"cls_logits": head.classification_head.cls_logits},
             ),
             "reg": Branch(flatten_tower(head.regression_head.conv), reg_outputs),
-        }
+        },
+        gn_tolerance,
+        exact_level_cells,
     )
 
 
-class OneStageDetector(TorchvisionDetector):
+class OneStageDetector(TorchvisionDetector, DenseDetector):
     """FCOS or RetinaNet. Provenance: level, cell (y, x), anchor, class.
 
-    GroupNorm heads (FCOS, RetinaNet v2) on the fast path (see ``local_head``): a target
-    whose windowed gradient leaves out more than ``gn_tolerance`` (relative norm, on a level
-    of 64 x 64 cells; ``local_head.level_tolerance`` scales it to other sizes) of the
-    GroupNorm statistics term is back-propagated exactly, as is every target on a level of at
-    most ``exact_level_cells`` cells (``None``: no more cells than one window).
+    ``gn_tolerance`` and ``exact_level_cells``: the GroupNorm guard of the fast path on
+    GroupNorm heads (FCOS, RetinaNet v2), see ``LocalConvHead``.
     """
 
     def __init__(
@@ -198,19 +180,12 @@ class OneStageDetector(TorchvisionDetector):
         **kwargs: Any,
     ) -> None:
         super().__init__(model, **kwargs)
-        self.gn_tolerance = gn_tolerance
-        self.exact_level_cells = exact_level_cells
         self.is_fcos = isinstance(model, tvd.FCOS)
-        self.local_head = one_stage_local_head(model)
+        self.local_head = one_stage_local_head(model, gn_tolerance, exact_level_cells)
         self.num_anchors = model.head.classification_head.num_anchors
 
     def _num_classes(self) -> int:
         return int(self.model.head.classification_head.num_classes)
-
-    # raw head outputs, one (N, C_out, h, w) map per output and level
-    def _head(self, features: list[torch.Tensor], record: bool) -> list[dict[str, torch.Tensor]]:
-        self.local_head.records = {name: [] for name in self.local_head.branches}
-        return [self.local_head.forward_level(f, record) for f in features]
 
     def _split_raw(self, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Per-location outputs in torchvision's flat order (N, h*w*A, C) for one level."""
@@ -235,18 +210,21 @@ class OneStageDetector(TorchvisionDetector):
             return self.model.box_coder.decode(reg, anchors)
         return self.model.box_coder.decode_single(reg, anchors)
 
-    def _detect_batch(self, image_list, geometry, nms):
-        features = list(self._features(image_list).values())
-        raw = self._head(features, record=False)
-        anchors = self.model.anchor_generator(image_list, features)
-        return [
-            self._postprocess(raw, anchors[i], geometry[i], i, nms) for i in range(len(geometry))
-        ]
+    def anchors(self, inputs: ImageList, levels: list[torch.Tensor]) -> list[torch.Tensor]:
+        anchors = self.model.anchor_generator(inputs, levels)[0]
+        return list(anchors.split([f.shape[-2] * f.shape[-1] * self.num_anchors for f in levels]))
 
-    def _postprocess(
+    def unit_outputs(self, cells, anchor, class_index, anchor_boxes):
+        rows = torch.arange(len(anchor), device=anchor.device)
+        flat = {
+            k: v.view(len(anchor), self.num_anchors, -1)[rows, anchor] for k, v in cells.items()
+        }
+        return self._scores(flat)[rows, class_index], self._decode(flat["bbox_reg"], anchor_boxes)
+
+    def postprocess(
         self,
-        raw: list[dict[str, torch.Tensor]],
-        anchors: torch.Tensor,
+        raw: RawOutputs,
+        anchors: list[torch.Tensor],
         geometry: InputGeometry,
         index: int,
         nms: bool = True,
@@ -254,14 +232,8 @@ class OneStageDetector(TorchvisionDetector):
         """torchvision's ``postprocess_detections`` for one image, keeping the indices."""
         m = self.model
         image_shape = geometry.resized
-        sizes = [
-            r["cls_logits"].shape[-2] * r["cls_logits"].shape[-1] * self.num_anchors for r in raw
-        ]
-        anchors_per_level = anchors.split(sizes)
         boxes, scores, labels, probs, objness, prov = [], [], [], [], [], []
-        for level, (level_raw, level_anchors) in enumerate(
-            zip(raw, anchors_per_level, strict=True)
-        ):
+        for level, (level_raw, level_anchors) in enumerate(zip(raw, anchors, strict=True)):
             flat = {k: v[index] for k, v in self._split_raw(level_raw).items()}
             class_scores = self._scores(flat)  # (h*w*A, K)
             num_classes = class_scores.shape[-1]
@@ -314,362 +286,81 @@ class OneStageDetector(TorchvisionDetector):
             image_size=geometry.original,
         )
 
-    def trace(self, image: np.ndarray) -> OneStageTrace:
-        return OneStageTrace(self, image)
-
-    def trace_candidates(self, image: np.ndarray) -> OneStageTrace:
-        return OneStageTrace(self, image, nms=False)
-
-
-class _BaseTrace(WindowedTrace):
-    """Shared by both families: input preparation, layer lookup, the autograd graph the exact
-    reference differentiates, and feature-space masking (the windows, dispatch and placing in
-    the original image come from ``WindowedTrace``)."""
-
-    def __init__(self, detector: TorchvisionDetector, image: np.ndarray) -> None:
-        self.detector = detector
-        with torch.no_grad():
-            self.image_list, (self.geometry,) = detector._prepare([image])
-        self.image_size = self.geometry.original
-
-    # names -----------------------------------------------------------------------
-    def layer_names(self) -> list[str]:
-        body = getattr(self.detector.model.backbone, "body", None)
-        stages = [f"backbone.{n}" for n, _ in body.named_children()] if body is not None else []
-        return ["fpn", *self.detector.feature_levels, *stages]
-
-    def _module_for(self, layer: str) -> nn.Module:
-        model = self.detector.model
-        if layer.startswith("module:"):
-            path = layer.removeprefix("module:")
-        elif layer.startswith("backbone."):
-            path = "backbone.body." + layer.removeprefix("backbone.")
-        else:
-            raise KeyError(
-                f"unknown layer {layer!r}; known: {', '.join(self.layer_names())}, "
-                "or 'module:<dotted.name>'"
-            )
-        try:
-            return model.get_submodule(path)
-        except AttributeError as err:
-            raise KeyError(f"layer {layer!r}: the model has no module {path!r}") from err
-
-    # exact reference ---------------------------------------------------------------
-    def _graph_forward(self, hook_layer: str | None) -> tuple[dict[str, torch.Tensor], Any]:
-        """Forward with the autograd graph; returns named layer tensors and the head state."""
-        captured: dict[str, torch.Tensor] = {}
-        handle = None
-        if hook_layer is not None:
-
-            def hook(_m: nn.Module, _i: Any, output: Any) -> None:
-                t = output if isinstance(output, torch.Tensor) else None
-                if t is None and isinstance(output, dict):
-                    t = next(iter(output.values()))
-                if t is None:
-                    raise TypeError(f"layer {hook_layer!r} does not output a tensor")
-                captured[hook_layer] = t
-
-            handle = self._module_for(hook_layer).register_forward_hook(hook)
-        try:
-            with torch.enable_grad():
-                features = self.detector._features(self.image_list)
-                state = self._graph_state(features)
-        finally:
-            if handle is not None:
-                handle.remove()
-        for name, f in zip(self.detector.feature_levels, features.values(), strict=True):
-            captured[name] = f
-        return captured, state
-
-    def _exact(self, targets: Sequence[Target], layer: str) -> list[FeatureWindows]:
-        hook = None if layer == "fpn" or layer in self.detector.feature_levels else layer
-        tensors, state = self._graph_forward(hook)
-        return self._layer_gradients(tensors, self._graph_values(state, targets), targets, layer)
-
-    def target_values(self, targets: Sequence[Target]) -> torch.Tensor:
-        self._check(targets)
-        with torch.no_grad():
-            features = self.detector._features(self.image_list)
-            state = self._graph_state(features)
-            return self._graph_values(state, targets)
-
-    # feature-space perturbation and fixed output units (D-RISE in feature space, BBAM) ----
-    @torch.no_grad()
-    def detect_with_feature_masks(
-        self, masks: torch.Tensor, layer: str = "fpn", batch_size: int = 8
-    ) -> list[Detections]:
-        """Pyramid levels (``fpn`` = all of them, or one ``p<k>``) are masked on this trace's
-        features and only the heads re-run; a backbone stage or ``module:<name>`` is masked by
-        a forward hook and the whole network re-runs on the batch."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if layer == "roi":
-            raise KeyError("feature masks apply to spatial layers, not 'roi'")
-        masks = check_masks(masks).to(self.detector.device)
-        levels = self.detector.feature_levels
-        module = None if layer == "fpn" or layer in levels else self._module_for(layer)
-        base = list(self._level_features())
-        out: list[Detections] = []
-        for start in range(0, masks.shape[0], batch_size):
-            chunk = masks[start : start + batch_size]
-            b = chunk.shape[0]
-            image_list = ImageList(
-                self.image_list.tensors.expand(b, -1, -1, -1), self.image_list.image_sizes * b
-            )
-            if module is not None:
-                handle = module.register_forward_hook(_masking_hook(chunk, self.geometry))
-                try:
-                    out.extend(self.detector._detect_batch(image_list, [self.geometry] * b, True))
-                finally:
-                    handle.remove()
-                continue
-            feats = [
-                _masked(f, chunk, self.geometry)
-                if layer in ("fpn", name)
-                else f.expand(b, -1, -1, -1)
-                for name, f in zip(levels, base, strict=True)
-            ]
-            out.extend(self._detect_from_levels(feats, image_list))
-        return out
-
-    def provenance_outputs(
-        self, images: torch.Tensor, indices: Sequence[int]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The detector's own transform, backbone and head on ``images``, read at the units
-        (one-stage: level, cell, anchor, class; Faster R-CNN: the fixed proposal and class)."""
-        if images.dim() != 4 or images.shape[1] != 3 or len(indices) != images.shape[0]:
-            raise ValueError(
-                f"images must be (B, 3, H, W) with one index per row; got {tuple(images.shape)} "
-                f"and {len(indices)} indices"
-            )
-        if tuple(images.shape[-2:]) != self.image_size:
-            raise ValueError(
-                f"images must have the traced image's size {self.image_size}, "
-                f"got {tuple(images.shape[-2:])}"
-            )
-        self._check([Target(int(i)) for i in indices])
-        image_list, _ = self.detector.model.transform(list(images.to(self.detector.device)))
-        features = self.detector._features(image_list)
-        values = self._unit_values(features, [int(i) for i in indices])  # (5, B)
-        return values[0], values[1:].T * values.new_tensor([-1.0, -1.0, 1.0, 1.0])
-
-    # family-specific -------------------------------------------------------------
-    def _graph_state(self, features: OrderedDict[str, torch.Tensor]) -> Any:
-        raise NotImplementedError
-
-    def _graph_values(self, state: Any, targets: Sequence[Target]) -> torch.Tensor:
-        raise NotImplementedError
-
-
-class OneStageTrace(_BaseTrace):
-    """FCOS / RetinaNet trace. Fast path on the FPN levels: each prediction depends on a
-    small window of its level, back-propagated for all predictions at once."""
-
-    detector: OneStageDetector
-
-    def __init__(self, detector: OneStageDetector, image: np.ndarray, nms: bool = True) -> None:
-        super().__init__(detector, image)
-        with torch.no_grad():
-            self.features = list(detector._features(self.image_list).values())
-            self.raw = detector._head(self.features, record=True)
-            self.records = detector.local_head.records
-            self.anchors = detector.model.anchor_generator(self.image_list, self.features)[0]
-            self.detections = detector._postprocess(self.raw, self.anchors, self.geometry, 0, nms)
-        sizes = [f.shape[-2] * f.shape[-1] * detector.num_anchors for f in self.features]
-        self.anchor_offsets = torch.tensor([0, *sizes]).cumsum(0)
-
-    def _has_fast_path(self, layer: str) -> bool:
-        return layer == "fpn" or layer in self.detector.feature_levels
-
-    def _target_info(self, targets: Sequence[Target]):
-        p = self.detections.provenance
-        det = torch.tensor([t.index for t in targets], dtype=torch.long, device=p.level.device)
-        return p.level[det], p.y[det], p.x[det], p.anchor[det], p.class_index[det]
-
-    def _values_from_cells(
-        self,
-        cells: dict[str, torch.Tensor],
-        targets: Sequence[Target],
-        level: torch.Tensor,
-        y: torch.Tensor,
-        x: torch.Tensor,
-        anchor: torch.Tensor,
-        cls: torch.Tensor,
-    ) -> torch.Tensor:
-        """Target values from each target's raw head outputs at its cell ({name: (T, C_out)})."""
-        det = self.detector
-        a = det.num_anchors
-        rows = torch.arange(len(targets), device=level.device)
-        flat = {
-            name: v.view(len(targets), a, -1)[rows, anchor] for name, v in cells.items()
-        }  # (T, C_out / A)
-        scores = det._scores(flat)[rows, cls]
-        w = torch.tensor([self.features[int(lv)].shape[-1] for lv in level], device=level.device)
-        anchor_index = self.anchor_offsets.to(level.device)[level] + (y * w + x) * a + anchor
-        boxes = det._decode(flat["bbox_reg"], self.anchors[anchor_index])
-        edges = box_edges(self.geometry.boxes_to_original(boxes))
-        attr = {
-            "score": scores,
-            "x1": edges[:, 0],
-            "y1": edges[:, 1],
-            "x2": edges[:, 2],
-            "y2": edges[:, 3],
-        }
-        return torch.stack([attr[t.attribute][i] for i, t in enumerate(targets)])
-
-    def _graph_state(self, features):
-        return list(features.values()), self.detector._head(list(features.values()), record=False)
-
-    def _graph_values(self, state, targets):
-        _, raw = state
-        level, y, x, anchor, cls = self._target_info(targets)
-        cells = self._cells(raw, level, y, x)
-        return self._values_from_cells(cells, targets, level, y, x, anchor, cls)
-
-    def _cells(self, raw, level, y, x) -> dict[str, torch.Tensor]:
-        names = raw[0].keys()
-        return {
-            name: torch.stack(
-                [
-                    raw[int(lv)][name][0, :, int(yy), int(xx)]
-                    for lv, yy, xx in zip(level, y, x, strict=True)
-                ]
-            )
-            for name in names
-        }
-
-    def _fast(self, targets, layer, margin):
-        level, y, x, anchor, cls = self._target_info(targets)
-        cells = {
-            k: v.detach().requires_grad_(True)
-            for k, v in self._cells(self.raw, level, y, x).items()
-        }
-        with torch.enable_grad():
-            values = self._values_from_cells(cells, targets, level, y, x, anchor, cls)
-            names = list(cells)
-            grads = torch.autograd.grad(values.sum(), [cells[n] for n in names], allow_unused=True)
-        cot = {n: g for n, g in zip(names, grads, strict=True) if g is not None}
-        return self._local_head_windows(targets, layer, (level, y, x), cot, self.features, margin)
-
-    def _level_features(self) -> list[torch.Tensor]:
-        return self.features
-
-    def _detect_from_levels(self, feats: list[torch.Tensor], image_list: ImageList):
-        """Detections of each image of a batch of (perturbed) pyramid levels (B, C, h, w)."""
-        raw = self.detector._head(feats, record=False)
-        return [
-            self.detector._postprocess(raw, self.anchors, self.geometry, i)
-            for i in range(feats[0].shape[0])
-        ]
-
-    def _unit_values(self, features, indices: list[int]) -> torch.Tensor:
-        """(5, B) score, -x1, -y1, x2, y2 of detection ``indices[b]``'s cell on image b.
-        The head runs only on the levels that hold those cells."""
-        targets = [Target(i, a) for a in ATTRIBUTES for i in indices]
-        level, y, x, anchor, cls = self._target_info(targets)
-        feats = list(features.values())
-        head = self.detector.local_head
-        raw = {lv: head.forward_level(feats[lv], record=False) for lv in level.unique().tolist()}
-        batch = torch.arange(len(indices)).repeat(len(ATTRIBUTES)).tolist()
-        cells = {
-            name: torch.stack(
-                [
-                    raw[int(lv)][name][b, :, int(yy), int(xx)]
-                    for b, lv, yy, xx in zip(batch, level, y, x, strict=True)
-                ]
-            )
-            for name in next(iter(raw.values()))
-        }
-        values = self._values_from_cells(cells, targets, level, y, x, anchor, cls)
-        return values.view(len(ATTRIBUTES), len(indices))
-
 
 # ----------------------------------------------------------------------------------
 # Two-stage: Faster R-CNN
 # ----------------------------------------------------------------------------------
 
 
-class FasterRCNNDetector(TorchvisionDetector):
+class FasterRCNNDetector(TorchvisionDetector, RoIDetector):
     """Faster R-CNN. Provenance: the RoI (proposal index and box), its FPN level and the
     cell of the RoI centre on that level, and the class; objectness is the RPN score."""
-
-    def __init__(self, model: tvd.FasterRCNN, **kwargs: Any) -> None:
-        super().__init__(model, **kwargs)
 
     def _num_classes(self) -> int:
         return int(self.model.roi_heads.box_predictor.cls_score.out_features)
 
-    def _proposals(self, image_list: ImageList, features: OrderedDict[str, torch.Tensor]):
+    def proposals(self, inputs: ImageList, features: Features) -> list[Proposals]:
         """The RPN's proposals and their objectness, exactly as ``RegionProposalNetwork``."""
         rpn = self.model.rpn
         feats = list(features.values())
         objectness, deltas = rpn.head(feats)
-        anchors = rpn.anchor_generator(image_list, feats)
+        anchors = rpn.anchor_generator(inputs, feats)
         num_anchors_per_level = [o[0].numel() for o in objectness]
         objectness, deltas = tvd.rpn.concat_box_prediction_layers(objectness, deltas)
         proposals = rpn.box_coder.decode(deltas.detach(), anchors).view(len(anchors), -1, 4)
-        return rpn.filter_proposals(
-            proposals, objectness.detach(), image_list.image_sizes, num_anchors_per_level
+        boxes, scores = rpn.filter_proposals(
+            proposals, objectness.detach(), inputs.image_sizes, num_anchors_per_level
         )
+        return [Proposals(b, s) for b, s in zip(boxes, scores, strict=True)]
 
-    def _box_outputs(self, features, proposals: list[torch.Tensor], image_sizes):
-        heads = self.model.roi_heads
-        pooled = heads.box_roi_pool(features, proposals, image_sizes)
-        return pooled, *self._predict(pooled)
+    def pool(self, inputs: ImageList, features: Features, rois: list[torch.Tensor]):
+        return self.model.roi_heads.box_roi_pool(self._keyed(features), rois, inputs.image_sizes)
 
-    def _predict(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def predict(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         heads = self.model.roi_heads
         return heads.box_predictor(heads.box_head(pooled))
+
+    def unit_outputs(self, logits, deltas, rois, class_index):
+        rows = torch.arange(len(rois), device=rois.device)
+        scores = F.softmax(logits, -1)[rows, class_index]
+        boxes = self.model.roi_heads.box_coder.decode_single(
+            deltas.view(len(rois), -1, 4)[rows, class_index], rois
+        )
+        return scores, boxes
 
     def _pooled_keys(self) -> list[str]:
         """The feature keys RoIAlign pools from, in the order it sees them."""
         names = self.model.roi_heads.box_roi_pool.featmap_names
-        return [k for k in self._feature_keys if k in names]
+        return [k for k in self.feature_keys if k in names]
 
-    def _roi_levels(self, boxes: torch.Tensor) -> torch.Tensor:
-        """Index into ``feature_levels`` of the level each RoI (resized pixels) is pooled from."""
+    def roi_levels(self, rois: torch.Tensor) -> torch.Tensor:
         pool = self.model.roi_heads.box_roi_pool
-        keys = torch.tensor([self._feature_keys.index(k) for k in self._pooled_keys()])
+        keys = torch.tensor([self.feature_keys.index(k) for k in self._pooled_keys()])
         if pool.map_levels is None:  # a single pooled level
-            return keys[0].repeat(len(boxes)).to(boxes.device)
-        return keys.to(boxes.device)[pool.map_levels([boxes])]
+            return keys[0].repeat(len(rois)).to(rois.device)
+        return keys.to(rois.device)[pool.map_levels([rois])]
 
-    def _features(self, image_list):
-        features = super()._features(image_list)
-        self._feature_keys = list(features.keys())
-        return features
+    def roi_aligns(self) -> dict[int, RoIAlignSettings]:
+        pool = self.model.roi_heads.box_roi_pool
+        return {
+            self.feature_keys.index(key): RoIAlignSettings(scale, pool.sampling_ratio, False)
+            for key, scale in zip(self._pooled_keys(), pool.scales, strict=True)
+        }
 
-    def _detect_batch(self, image_list, geometry, nms):
-        features = self._features(image_list)
-        proposals, objectness = self._proposals(image_list, features)
-        _, logits, regression = self._box_outputs(features, proposals, image_list.image_sizes)
-        counts = [len(p) for p in proposals]
-        return [
-            self._postprocess(lg, r, p, o, g, features, nms)
-            for lg, r, p, o, g in zip(
-                logits.split(counts),
-                regression.split(counts),
-                proposals,
-                objectness,
-                geometry,
-                strict=True,
-            )
-        ]
-
-    def _postprocess(
+    def postprocess(
         self,
         logits: torch.Tensor,
-        regression: torch.Tensor,
-        proposals: torch.Tensor,
-        objectness: torch.Tensor,
+        deltas: torch.Tensor,
+        proposals: Proposals,
         geometry: InputGeometry,
-        features: OrderedDict[str, torch.Tensor],
+        features: Features,
         nms: bool = True,
     ) -> Detections:
         """torchvision's ``RoIHeads.postprocess_detections`` for one image, keeping indices."""
         heads = self.model.roi_heads
+        objectness, proposals = proposals.objectness, proposals.boxes
         num_classes = logits.shape[-1]
-        pred_boxes = heads.box_coder.decode(regression, [proposals])
+        pred_boxes = heads.box_coder.decode(deltas, [proposals])
         probs = F.softmax(logits, -1)
         boxes = box_ops.clip_boxes_to_image(pred_boxes, geometry.resized)
         labels = torch.arange(num_classes, device=logits.device).view(1, -1).expand_as(probs)
@@ -689,7 +380,7 @@ class FasterRCNNDetector(TorchvisionDetector):
             proposal_idx[inds],
         )
         rois = proposals[proposal_idx]
-        level = self._roi_levels(rois)
+        level = self.roi_levels(rois)
         feats = list(features.values())
         stride = torch.tensor(
             [geometry.padded[0] / feats[int(lv)].shape[-2] for lv in level], device=rois.device
@@ -713,184 +404,6 @@ class FasterRCNNDetector(TorchvisionDetector):
             ),
             image_size=geometry.original,
         )
-
-    def trace(self, image: np.ndarray) -> FasterRCNNTrace:
-        return FasterRCNNTrace(self, image)
-
-    def trace_candidates(self, image: np.ndarray) -> FasterRCNNTrace:
-        return FasterRCNNTrace(self, image, nms=False)
-
-    def trace_units(self, image: np.ndarray, units: Detections) -> FasterRCNNTrace:
-        """A trace whose targets are ``units`` (detections of an earlier trace of ``image``):
-        each is re-read from its own RoI (``provenance.proposal_box``) and class with the
-        current parameters, whatever the RPN proposes now."""
-        trace = FasterRCNNTrace(self, image)
-        boxes = units.provenance.proposal_box
-        if boxes is None:
-            raise ValueError("units.provenance.proposal_box is missing: not Faster R-CNN units")
-        sy, sx = trace.geometry.scale()
-        trace.proposals = boxes.to(trace.proposals) / boxes.new_tensor([sx, sy, sx, sy])
-        provenance = replace(units.provenance, proposal=torch.arange(len(units)))
-        trace.detections = replace(units, provenance=provenance)
-        return trace
-
-
-class FasterRCNNTrace(_BaseTrace):
-    """Faster R-CNN trace. Each prediction depends on its own RoI's pooled features: the fast
-    path back-propagates all targets through the box head in one pass (one row per target),
-    and for the FPN level through each RoI's RoIAlign on a crop around the RoI."""
-
-    detector: FasterRCNNDetector
-
-    def __init__(self, detector: FasterRCNNDetector, image: np.ndarray, nms: bool = True) -> None:
-        super().__init__(detector, image)
-        with torch.no_grad():
-            self.features = detector._features(self.image_list)
-            (proposals,), (objectness,) = detector._proposals(self.image_list, self.features)
-            _, logits, regression = detector._box_outputs(
-                self.features, [proposals], self.image_list.image_sizes
-            )
-            self.proposals = proposals
-            self.detections = detector._postprocess(
-                logits, regression, proposals, objectness, self.geometry, self.features, nms
-            )
-
-    def layer_names(self) -> list[str]:
-        return [*super().layer_names(), "roi"]
-
-    def _has_fast_path(self, layer: str) -> bool:
-        return layer in ("fpn", "roi") or layer in self.detector.feature_levels
-
-    def _rois(self, targets: Sequence[Target]) -> torch.Tensor:
-        """Each target's RoI in resized-input pixels (T, 4)."""
-        det = torch.tensor([t.index for t in targets], dtype=torch.long)
-        return self.proposals[self.detections.provenance.proposal[det]]
-
-    def _values_from_outputs(self, logits, regression, rois, targets) -> torch.Tensor:
-        """Target values from per-target box-head outputs (row t explains target t)."""
-        det = torch.tensor([t.index for t in targets], dtype=torch.long)
-        cls = self.detections.provenance.class_index[det]
-        rows = torch.arange(len(targets))
-        scores = F.softmax(logits, -1)[rows, cls]
-        heads = self.detector.model.roi_heads
-        deltas = regression.view(len(targets), -1, 4)[rows, cls]
-        boxes = heads.box_coder.decode_single(deltas, rois)
-        edges = box_edges(self.geometry.boxes_to_original(boxes))
-        attr = {
-            "score": scores,
-            "x1": edges[:, 0],
-            "y1": edges[:, 1],
-            "x2": edges[:, 2],
-            "y2": edges[:, 3],
-        }
-        return torch.stack([attr[t.attribute][i] for i, t in enumerate(targets)])
-
-    def _graph_state(self, features):
-        return features
-
-    def _graph_values(self, features, targets):
-        rois = self._rois(targets)
-        _, logits, regression = self.detector._box_outputs(
-            features, [rois], self.image_list.image_sizes
-        )
-        return self._values_from_outputs(logits, regression, rois, targets)
-
-    def _level_features(self) -> list[torch.Tensor]:
-        return list(self.features.values())
-
-    def _detect_from_levels(self, feats: list[torch.Tensor], image_list: ImageList):
-        """RPN, box head and post-processing on a batch of (perturbed) levels (B, C, h, w)."""
-        det = self.detector
-        features = OrderedDict(zip(det._feature_keys, feats, strict=True))
-        proposals, objectness = det._proposals(image_list, features)
-        _, logits, regression = det._box_outputs(features, proposals, image_list.image_sizes)
-        counts = [len(p) for p in proposals]
-        return [
-            det._postprocess(lg, r, p, o, self.geometry, features)
-            for lg, r, p, o in zip(
-                logits.split(counts), regression.split(counts), proposals, objectness, strict=True
-            )
-        ]
-
-    def _unit_values(self, features, indices: list[int]) -> torch.Tensor:
-        """(5, B) score, -x1, -y1, x2, y2 of detection ``indices[b]``'s proposal on image b."""
-        b = len(indices)
-        targets = [Target(i, a) for a in ATTRIBUTES for i in indices]
-        rois = self._rois(targets)
-        pooled = self.detector.model.roi_heads.box_roi_pool(
-            features, [rois[j : j + 1] for j in range(b)], self.image_list.image_sizes * b
-        )
-        logits, regression = self.detector._predict(pooled)
-        repeat = len(ATTRIBUTES)
-        values = self._values_from_outputs(
-            logits.repeat(repeat, 1), regression.repeat(repeat, 1), rois, targets
-        )
-        return values.view(repeat, b)
-
-    def _exact(self, targets, layer):
-        if layer != "roi":
-            return super()._exact(targets, layer)
-        rois = self._rois(targets)
-        with torch.enable_grad():
-            features = self.detector._features(self.image_list)
-            pooled = self.detector.model.roi_heads.box_roi_pool(
-                features, [rois], self.image_list.image_sizes
-            )
-            logits, regression = self.detector._predict(pooled)
-            values = self._values_from_outputs(logits, regression, rois, targets)
-            grads = [
-                torch.autograd.grad(values[i], pooled, retain_graph=True)[0][i]
-                for i in range(len(targets))
-            ]
-        return [self._roi_windows(targets, rois, pooled.detach(), torch.stack(grads))]
-
-    def _fast(self, targets, layer, margin):
-        rois = self._rois(targets)
-        pool = self.detector.model.roi_heads.box_roi_pool
-        with torch.no_grad():
-            pooled = pool(self.features, [rois], self.image_list.image_sizes)
-        pooled = pooled.requires_grad_(True)
-        with torch.enable_grad():
-            logits, regression = self.detector._predict(pooled)
-            values = self._values_from_outputs(logits, regression, rois, targets)
-            (g_pooled,) = torch.autograd.grad(values.sum(), pooled)
-        if layer == "roi":
-            return [self._roi_windows(targets, rois, pooled.detach(), g_pooled)]
-        return self._level_windows(targets, layer, rois, g_pooled, margin)
-
-    def _level_windows(self, targets, layer, rois, g_pooled, margin) -> list[FeatureWindows]:
-        """Back-propagate each RoI's pooled-feature gradient through RoIAlign on windows of
-        its level (``WindowedTrace._roi_align_windows``: exact)."""
-        pool = self.detector.model.roi_heads.box_roi_pool
-        level = self.detector._roi_levels(rois)
-        names = self.detector.feature_levels
-        feats = list(self.features.values())
-        out = []
-        lvs = level.unique().tolist() if layer == "fpn" else [names.index(layer)]
-        for lv in lvs:
-            fmap = feats[lv][0]
-            rows = torch.where(level == lv)[0].tolist()
-            if layer != "fpn":  # targets pooled from another level have no gradient here
-                others = [i for i in range(len(targets)) if int(level[i]) != lv]
-                if others:
-                    out.append(self._empty_windows(names[lv], others, targets, fmap))
-            if not rows:
-                continue
-            key = self.detector._feature_keys[lv]
-            scale = pool.scales[self.detector._pooled_keys().index(key)]
-            pad = self._margin(margin, rows, targets, fmap)
-            out += self._roi_align_windows(
-                names[lv],
-                rows,
-                targets,
-                fmap,
-                rois[rows] * scale,
-                pad,
-                g_pooled[rows],
-                pool.sampling_ratio,
-                aligned=False,
-            )
-        return out
 
 
 # ----------------------------------------------------------------------------------

@@ -208,7 +208,7 @@ def test_calibrated_frozen_batchnorm_normalises_its_inputs(r50, random_image) ->
     ]
     try:
         with torch.no_grad():
-            image_list, _ = detector._prepare([random_image])
+            image_list, _ = detector.prepare([random_image])
             detector.model.backbone(image_list.tensor)
     finally:
         for h in hooks:
@@ -297,7 +297,7 @@ def test_retinanet_provenance_names_the_unit_that_scored(r50, random_image) -> N
     detector = r50("retinanet")
     det = detector.trace(random_image).detections
     with torch.no_grad():
-        image_list, (geometry,) = detector._prepare([random_image])
+        image_list, (geometry,) = detector.prepare([random_image])
         features = detector.model.backbone(image_list.tensor)
         scores, boxes = retinanet_units(detector.model, features, det.provenance)
     torch.testing.assert_close(det.scores, scores, rtol=1e-6, atol=1e-8)
@@ -319,7 +319,7 @@ def test_faster_rcnn_provenance_names_the_proposal(r50, random_image) -> None:
     det = trace.detections
     model = detector.model
     with torch.no_grad():
-        image_list, (geometry,) = detector._prepare([random_image])
+        image_list, (geometry,) = detector.prepare([random_image])
         features = model.backbone(image_list.tensor)
         (proposals,), _ = model.proposal_generator(image_list, features, None)
         rois = proposals.proposal_boxes.tensor[det.provenance.proposal]

@@ -47,7 +47,7 @@ def test_trace_places_a_feature_impulse(random_image: np.ndarray) -> None:
     padded to 160 x 224): a one-cell map on p4 lands where that cell sees the image."""
     _, detector = build("fcos")
     trace = detector.trace(random_image)
-    h, w = (int(s) for s in trace.features[1].shape[-2:])
+    h, w = (int(s) for s in trace.levels[1].shape[-2:])
     window = FeatureWindows(
         layer="p4",
         target_index=torch.tensor([0]),

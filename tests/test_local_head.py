@@ -28,11 +28,11 @@ def gn_tower(channels: int = 16, groups: int = 4, depth: int = 2) -> nn.Sequenti
 
 def recorded_head(towers: dict[str, nn.Sequential], outputs: dict[str, nn.Conv2d], x):
     head = LocalConvHead(
-        {name: Branch(flatten_tower(towers[name]), {name: outputs[name]}) for name in towers}
+        {name: Branch(flatten_tower(towers[name]), {name: outputs[name]}) for name in towers},
+        gn_tolerance=float("inf"),
     )
-    head.records = {name: [] for name in head.branches}
     with torch.no_grad():
-        head.forward_level(x, record=True)
+        _, head.records = head.forward([x], record=True)
     return head
 
 
@@ -95,7 +95,7 @@ def test_levels_no_larger_than_a_window_take_the_exact_route() -> None:
         head = recorded_head({"cls": tower}, {"cls": out}, x)
         ys, xs = torch.tensor([1, h - 1]), torch.tensor([2, 0])
         cot = {"cls": torch.randn(2, 3)}
-        parts = head.level_parts(0, x[0], ys, xs, cot, head.records, float("inf"), None, pad=0)
+        parts = head.level_parts(0, x[0], ys, xs, cot, head.records, pad=0)
         ((rows, grads, origin, _),) = parts
         assert rows.tolist() == [0, 1]
         if exact:

@@ -1,0 +1,231 @@
+"""One-stage (dense) detectors, written once for every framework: FCOS and RetinaNet of
+torchvision, RetinaNet of detectron2.
+
+A dense head predicts, at every cell of every feature level, a few anchors' class scores and
+box deltas. The framework adapter (``DenseDetector``) supplies the head's modules as a
+``LocalConvHead`` (or its plain forward), the anchors, how one unit's raw outputs become its
+score and box, and the post-processing with provenance (level, cell, anchor, class). The trace
+(``DenseTrace``) explains any unit from those; its fast path back-propagates all targets at
+once on windows of their levels (``detectors/local_head.py``, which also owns the GroupNorm
+guard).
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from xaibench.detectors.geometry import InputGeometry
+from xaibench.detectors.local_head import HeadRecords, LocalConvHead
+from xaibench.detectors.network import Features, NetworkDetector, NetworkTrace
+
+from xaibench.detector import FeatureWindows
+from xaibench.types import Detections, Target
+
+RawOutputs = list[dict[str, torch.Tensor]]
+"""Per level, the head's raw output maps {name: (N, A * C_out, h, w)}."""
+
+
+class DenseDetector(NetworkDetector):
+    """The adapter of a one-stage detector (on top of ``NetworkDetector``'s).
+
+    Provenance of a detection: ``level`` (index into ``feature_levels``), cell ``y``/``x`` on
+    it, ``anchor`` (0..A-1) and ``class_index`` (the label; ``unit_outputs`` maps it to the
+    head's channel)."""
+
+    num_anchors: int
+    local_head: LocalConvHead | None
+    """The head's branches as a ``LocalConvHead`` (fast path), or None (exact path only)."""
+
+    @abstractmethod
+    def anchors(self, inputs: Any, levels: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per level, the anchors (or points) of the first image, (h * w * A, 4) xyxy in
+        resized-input pixels, in the order (cell row, cell col, anchor)."""
+
+    @abstractmethod
+    def unit_outputs(
+        self,
+        cells: dict[str, torch.Tensor],
+        anchor: torch.Tensor,
+        class_index: torch.Tensor,
+        anchor_boxes: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Differentiable score (T,) and decoded box (T, 4, resized-input pixels) of each
+        unit from its cell's raw outputs ({name: (T, A * C_out)}), its anchor (T,), class
+        (``Provenance.class_index``, T) and anchor box (T, 4)."""
+
+    @abstractmethod
+    def postprocess(
+        self,
+        raw: RawOutputs,
+        anchors: list[torch.Tensor],
+        geometry: InputGeometry,
+        index: int,
+        nms: bool = True,
+    ) -> Detections:
+        """The framework's post-processing of image ``index`` of ``raw``, keeping each
+        detection's provenance (``nms=False``: every candidate, before suppression)."""
+
+    def head_outputs(self, levels: list[torch.Tensor]) -> RawOutputs:
+        """The head's plain forward, for heads that ``LocalConvHead`` cannot hold."""
+        raise NotImplementedError(f"{type(self).__name__} has no local head and no plain head")
+
+    def head(
+        self, levels: list[torch.Tensor], record: bool = False
+    ) -> tuple[RawOutputs, HeadRecords | None]:
+        """Raw outputs per level and, with ``record`` and a local head, its records."""
+        if self.local_head is None:
+            return self.head_outputs(levels), None
+        return self.local_head.forward(levels, record)
+
+    @property
+    def gn_tolerance(self) -> float:
+        """The local head's GroupNorm tolerance (``LocalConvHead``)."""
+        if self.local_head is None:
+            raise AttributeError(f"{type(self).__name__} has no local head")
+        return self.local_head.gn_tolerance
+
+    @gn_tolerance.setter
+    def gn_tolerance(self, value: float) -> None:
+        if self.local_head is None:
+            raise AttributeError(f"{type(self).__name__} has no local head")
+        self.local_head.gn_tolerance = value
+
+    def detect_from_features(
+        self, inputs: Any, features: Features, geometry: list[InputGeometry], nms: bool = True
+    ) -> list[Detections]:
+        levels = [features[name] for name in self.feature_levels]
+        raw, _ = self.head(levels)
+        anchors = self.anchors(inputs, levels)
+        return [self.postprocess(raw, anchors, g, i, nms) for i, g in enumerate(geometry)]
+
+    def trace(self, image: np.ndarray) -> DenseTrace:
+        return DenseTrace(self, image)
+
+    def trace_candidates(self, image: np.ndarray) -> DenseTrace:
+        return DenseTrace(self, image, nms=False)
+
+
+class DenseTrace(NetworkTrace):
+    """A one-stage detector's trace. Fast path on the FPN levels: each prediction depends on a
+    small window of its level, back-propagated for all predictions at once."""
+
+    detector: DenseDetector
+
+    def __init__(self, detector: DenseDetector, image: np.ndarray, nms: bool = True) -> None:
+        super().__init__(detector, image)
+        with torch.no_grad():
+            self.levels = [self.features[name] for name in detector.feature_levels]
+            self.raw, self.records = detector.head(self.levels, record=True)
+            self.anchors = detector.anchors(self.image_list, self.levels)
+            self.detections = detector.postprocess(self.raw, self.anchors, self.geometry, 0, nms)
+
+    def _has_fast_path(self, layer: str) -> bool:
+        return self.detector.local_head is not None and self._is_level(layer)
+
+    def _units(self, targets: Sequence[Target]) -> tuple[torch.Tensor, ...]:
+        """Each target's unit: level, y, x, anchor, class_index (T,) each."""
+        p = self.detections.provenance
+        det = torch.tensor([t.index for t in targets], dtype=torch.long, device=p.level.device)
+        return p.level[det], p.y[det], p.x[det], p.anchor[det], p.class_index[det]
+
+    def _anchor_boxes(self, level, y, x, anchor) -> torch.Tensor:
+        """(T, 4) anchor box of each unit, resized-input pixels."""
+        a = self.detector.num_anchors
+        return torch.stack(
+            [
+                self.anchors[int(lv)][
+                    (int(yy) * self.levels[int(lv)].shape[-1] + int(xx)) * a + int(an)
+                ]
+                for lv, yy, xx, an in zip(level, y, x, anchor, strict=True)
+            ]
+        ).reshape(-1, 4)
+
+    @staticmethod
+    def _cells(
+        raw: dict[int, dict[str, torch.Tensor]], level, y, x, batch: list[int]
+    ) -> dict[str, torch.Tensor]:
+        """Each unit's raw outputs at its cell, {name: (T, A * C_out)} (row ``batch[t]``)."""
+        names = next(iter(raw.values())).keys()
+        return {
+            name: torch.stack(
+                [
+                    raw[int(lv)][name][b, :, int(yy), int(xx)]
+                    for b, lv, yy, xx in zip(batch, level, y, x, strict=True)
+                ]
+            )
+            for name in names
+        }
+
+    def _unit_values(self, cells, targets: Sequence[Target], units) -> torch.Tensor:
+        level, y, x, anchor, cls = units
+        boxes = self._anchor_boxes(level, y, x, anchor)
+        scores, decoded = self.detector.unit_outputs(cells, anchor, cls, boxes)
+        return self._unit_targets(scores, decoded, targets)
+
+    def _values(self, features, targets, batch=None):
+        units = self._units(targets)
+        levels = [features[name] for name in self.detector.feature_levels]
+        head = self.detector.local_head
+        if head is None:
+            raw = dict(enumerate(self.detector.head(levels)[0]))
+        else:  # the head runs only on the levels that hold the units
+            raw = {lv: head.forward_level(levels[lv])[0] for lv in units[0].unique().tolist()}
+        cells = self._cells(raw, *units[:3], batch if batch is not None else [0] * len(targets))
+        return self._unit_values(cells, targets, units)
+
+    def _fast(self, targets, layer, margin):
+        units = self._units(targets)
+        level, y, x = units[:3]
+        recorded = self._cells(dict(enumerate(self.raw)), level, y, x, [0] * len(targets))
+        cells = {k: v.detach().requires_grad_(True) for k, v in recorded.items()}
+        with torch.enable_grad():
+            values = self._unit_values(cells, targets, units)
+            names = list(cells)
+            grads = torch.autograd.grad(values.sum(), [cells[n] for n in names], allow_unused=True)
+        cot = {n: g for n, g in zip(names, grads, strict=True) if g is not None}
+        return self._local_head_windows(targets, layer, (level, y, x), cot, margin)
+
+    def _local_head_windows(
+        self,
+        targets: Sequence[Target],
+        layer: str,
+        cells: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        cotangents: dict[str, torch.Tensor],
+        margin: int | Callable[[torch.Tensor], int],
+    ) -> list[FeatureWindows]:
+        """Given each target's cell ``(level, y, x)`` (T,) and the gradient of its value with
+        respect to the raw head outputs there (``cotangents`` {name: (T, C_out)}), its windows
+        on ``layer`` (``"fpn"``: its own level) from the local head over this trace's
+        records."""
+        level, y, x = cells
+        names = self.detector.feature_levels
+        if layer == "fpn":
+            groups = [(lv, torch.where(level == lv)[0]) for lv in level.unique().tolist()]
+        else:  # predictions of other levels have no gradient on this one
+            groups = [(names.index(layer), torch.arange(len(targets)))]
+        out = []
+        for lv, rows in groups:
+            own = level[rows] == lv
+            ys, xs = torch.where(own, y[rows], 0), torch.where(own, x[rows], 0)
+            cot = {n: c[rows] * own[:, None] for n, c in cotangents.items()}
+            feat = self.levels[lv][0]
+            pad = self._margin(margin, rows.tolist(), targets, feat)
+            parts = self.detector.local_head.level_parts(lv, feat, ys, xs, cot, self.records, pad)
+            for part in parts:
+                picked = rows[part.rows].tolist()
+                out.append(
+                    self._windows(
+                        names[lv],
+                        picked,
+                        targets,
+                        feat,
+                        part.gradients,
+                        part.origin,
+                        part.activations,
+                    )
+                )
+        return out
