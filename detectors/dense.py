@@ -52,9 +52,10 @@ class DenseDetector(NetworkDetector):
         anchor: torch.Tensor,
         class_index: torch.Tensor,
         anchor_boxes: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Differentiable score (T,) and decoded box (T, 4, resized-input pixels) of each
-        unit from its cell's raw outputs ({name: (T, A * C_out)}), its anchor (T,), class
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Differentiable score (T,), decoded box (T, 4, resized-input pixels) and class
+        probabilities (T, K + 1, the columns of ``Detections.class_probs``) of each unit from
+        its cell's raw outputs ({name: (T, A * C_out)}), its anchor (T,), class
         (``Provenance.class_index``, T) and anchor box (T, 4)."""
 
     @abstractmethod
@@ -163,8 +164,8 @@ class DenseTrace(NetworkTrace):
     def _unit_values(self, cells, targets: Sequence[Target], units) -> torch.Tensor:
         level, y, x, anchor, cls = units
         boxes = self._anchor_boxes(level, y, x, anchor)
-        scores, decoded = self.detector.unit_outputs(cells, anchor, cls, boxes)
-        return self._unit_targets(scores, decoded, targets)
+        outputs = self.detector.unit_outputs(cells, anchor, cls, boxes)
+        return self._unit_targets(targets, *outputs)
 
     def _values(self, features, targets, batch=None):
         units = self._units(targets)

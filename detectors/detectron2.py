@@ -240,7 +240,8 @@ class Detectron2RCNN(Detectron2Detector, RoIDetector):
         boxes = self.model.roi_heads.box_predictor.box2box_transform.apply_deltas(deltas, rois)
         boxes = boxes.view(len(rois), -1, 4)
         boxes = boxes[rows, cls] if boxes.shape[1] > 1 else boxes[:, 0]
-        return self._probs(logits)[rows, cls], boxes
+        probs = self._probs(logits)  # background last
+        return probs[rows, cls], boxes, torch.cat((probs[:, -1:], probs[:, :-1]), 1)
 
     def roi_levels(self, rois: torch.Tensor) -> torch.Tensor:
         pooler = self.model.roi_heads.box_pooler
@@ -367,9 +368,10 @@ class Detectron2RetinaNet(Detectron2Detector, DenseDetector):
     def unit_outputs(self, cells, anchor, class_index, anchor_boxes):
         t, a = len(anchor), self.num_anchors
         rows = torch.arange(t, device=anchor.device)
-        scores = cells["cls_score"].view(t, a, -1)[rows, anchor, class_index - 1].sigmoid()
+        probs = cells["cls_score"].view(t, a, -1)[rows, anchor].sigmoid()  # (T, K)
         deltas = cells["bbox_pred"].view(t, a, 4)[rows, anchor]
-        return scores, self.model.box2box_transform.apply_deltas(deltas, anchor_boxes)
+        boxes = self.model.box2box_transform.apply_deltas(deltas, anchor_boxes)
+        return probs[rows, class_index - 1], boxes, F.pad(probs, (1, 0))  # no background
 
     def postprocess(
         self,

@@ -23,7 +23,7 @@ from xaibench.detectors.feature_masks import check_masks, masks_to_layer
 from xaibench.detectors.geometry import InputGeometry
 
 from xaibench.detector import Detector, FeatureWindows, GradientMode, WhiteBoxTrace
-from xaibench.targets import target_values
+from xaibench.targets import UnitOutputs, target_values
 from xaibench.types import ATTRIBUTES, Detections, Target
 
 Features = dict[str, torch.Tensor]
@@ -292,10 +292,17 @@ class NetworkTrace(WhiteBoxTrace):
         det = torch.tensor([targets[i].index for i in rows], dtype=torch.long)
         return self.detections.boxes[det.to(self.detections.boxes.device)]
 
-    def _unit_targets(self, scores: torch.Tensor, boxes: torch.Tensor, targets: Sequence[Target]):
-        """Target values (T,) from each target's unit score (T,) and box (T, 4), resized-input
-        pixels."""
-        return target_values(targets, scores, self.geometry.boxes_to_original(boxes))
+    def _unit_targets(
+        self,
+        targets: Sequence[Target],
+        scores: torch.Tensor,
+        boxes: torch.Tensor,
+        class_probs: torch.Tensor,
+    ) -> torch.Tensor:
+        """Target values (T,) from each target's unit outputs: score (T,), box (T, 4,
+        resized-input pixels), class probabilities (T, K + 1)."""
+        outputs = UnitOutputs(scores, self.geometry.boxes_to_original(boxes), class_probs)
+        return target_values(targets, outputs)
 
     # feature-space perturbation and fixed output units (D-RISE in feature space, BBAM) ----
     @torch.no_grad()

@@ -70,9 +70,10 @@ class RoIDetector(NetworkDetector):
         deltas: torch.Tensor,
         rois: torch.Tensor,
         class_index: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Differentiable score (T,) and decoded box (T, 4, resized pixels) of class
-        ``class_index`` (``Provenance.class_index``, T) from row t's box-head outputs."""
+        ``class_index`` (``Provenance.class_index``, T) from row t's box-head outputs, and its
+        class probabilities (T, K + 1, the columns of ``Detections.class_probs``)."""
 
     @abstractmethod
     def postprocess(
@@ -167,8 +168,7 @@ class RoITrace(NetworkTrace):
         """Target values from per-target box-head outputs (row t explains target t)."""
         det = torch.tensor([t.index for t in targets], dtype=torch.long)
         cls = self.detections.provenance.class_index[det.to(self.detections.labels.device)]
-        scores, boxes = self.detector.unit_outputs(logits, deltas, rois, cls)
-        return self._unit_targets(scores, boxes, targets)
+        return self._unit_targets(targets, *self.detector.unit_outputs(logits, deltas, rois, cls))
 
     def _values(self, features, targets, batch=None):
         rois = self._target_rois(targets)

@@ -219,7 +219,8 @@ class OneStageDetector(TorchvisionDetector, DenseDetector):
         flat = {
             k: v.view(len(anchor), self.num_anchors, -1)[rows, anchor] for k, v in cells.items()
         }
-        return self._scores(flat)[rows, class_index], self._decode(flat["bbox_reg"], anchor_boxes)
+        probs = self._scores(flat)  # (T, K), column 0 the background
+        return probs[rows, class_index], self._decode(flat["bbox_reg"], anchor_boxes), probs
 
     def postprocess(
         self,
@@ -322,11 +323,11 @@ class FasterRCNNDetector(TorchvisionDetector, RoIDetector):
 
     def unit_outputs(self, logits, deltas, rois, class_index):
         rows = torch.arange(len(rois), device=rois.device)
-        scores = F.softmax(logits, -1)[rows, class_index]
+        probs = F.softmax(logits, -1)  # column 0 the background
         boxes = self.model.roi_heads.box_coder.decode_single(
             deltas.view(len(rois), -1, 4)[rows, class_index], rois
         )
-        return scores, boxes
+        return probs[rows, class_index], boxes, probs
 
     def _pooled_keys(self) -> list[str]:
         """The feature keys RoIAlign pools from, in the order it sees them."""
