@@ -157,6 +157,7 @@ class DemoSpec:
     model_seed: int = 0
     mode: str = "objects"
     recipe: str = "baseline"
+    about: str = "A demo detector"
 
     @property
     def class_names(self) -> list[str]:
@@ -171,17 +172,43 @@ ODAM_TRAIN_ITERATIONS = {"objects": 2500, "crowd": 1250}
 """Steps of the Odam-Train demo detectors (half the baselines')."""
 _ADAMW = {"optimizer": "adamw", "lr": 2e-3, "weight_decay": 0.05, "batch_size": 4}
 DEMOS: dict[str, DemoSpec] = {
-    "synthetic-fcos": DemoSpec(build_small_fcos, BaselineConfig(iterations=5000, **_ADAMW)),
-    "synthetic-frcnn": DemoSpec(build_small_frcnn, BaselineConfig(iterations=3000, **_ADAMW)),
+    "synthetic-fcos": DemoSpec(
+        build_small_fcos,
+        BaselineConfig(iterations=5000, **_ADAMW),
+        about=(
+            "Small FCOS trained from scratch on synthetic shapes (circle, square, triangle): about "
+            "6 minutes on two CPU cores, val AP50 about 0.95"
+        ),
+    ),
+    "synthetic-frcnn": DemoSpec(
+        build_small_frcnn,
+        BaselineConfig(iterations=3000, **_ADAMW),
+        about=(
+            "Small Faster R-CNN trained from scratch on synthetic shapes (circle, square, "
+            "triangle): about 5.5 minutes on two CPU cores, val AP50 about 0.95"
+        ),
+    ),
 }
 
 
 CROWD_DEMOS: dict[str, DemoSpec] = {
     "synthetic-crowd-fcos": DemoSpec(
-        build_small_fcos, BaselineConfig(iterations=2500, **_ADAMW), mode="crowd"
+        build_small_fcos,
+        BaselineConfig(iterations=2500, **_ADAMW),
+        about=(
+            "Small FCOS trained from scratch on synthetic crowds (one class, person), for "
+            "comparing NMS strategies"
+        ),
+        mode="crowd",
     ),
     "synthetic-crowd-frcnn": DemoSpec(
-        build_small_frcnn, BaselineConfig(iterations=1500, **_ADAMW), mode="crowd"
+        build_small_frcnn,
+        BaselineConfig(iterations=1500, **_ADAMW),
+        about=(
+            "Small Faster R-CNN trained from scratch on synthetic crowds (one class, person), for "
+            "comparing NMS strategies"
+        ),
+        mode="crowd",
     ),
 }
 """The crowd demo detectors (one class, person), trained on the synthetic crowd split; half
@@ -191,11 +218,19 @@ ODAM_TRAIN_DEMOS: dict[str, DemoSpec] = {
     "synthetic-fcos-odamtrain": DemoSpec(
         build_small_fcos,
         OdamTrainConfig(iterations=ODAM_TRAIN_ITERATIONS["objects"], **_ADAMW),
+        about=(
+            "``synthetic-fcos``'s architecture, initial weights and data, trained with Odam-Train "
+            "(``odam-train``, weight 0.5)"
+        ),
         recipe="odam-train",
     ),
     "synthetic-crowd-fcos-odamtrain": DemoSpec(
         build_small_fcos,
         OdamTrainConfig(iterations=ODAM_TRAIN_ITERATIONS["crowd"], **_ADAMW),
+        about=(
+            "``synthetic-crowd-fcos`` trained with Odam-Train instead (for Odam-NMS with and "
+            "without Odam-Train)"
+        ),
         mode="crowd",
         recipe="odam-train",
     ),
@@ -319,60 +354,6 @@ def say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-@DETECTORS.register("synthetic-fcos")
-def synthetic_fcos(
-    cache_dir: str | Path | None = None,
-    device: str | torch.device | None = None,
-    retrain: bool = False,
-    progress: bool = True,
-) -> Detector:
-    """Small FCOS trained from scratch on synthetic shapes (circle, square, triangle).
-
-    Trained on first use (about 6 minutes on two CPU cores, val AP50 about 0.95) and cached
-    in ``<cache_dir>/detectors/synthetic-fcos/``; see ``load_demo`` for the arguments.
-    """
-    return load_demo("synthetic-fcos", cache_dir, device, retrain, progress)
-
-
-@DETECTORS.register("synthetic-frcnn")
-def synthetic_frcnn(
-    cache_dir: str | Path | None = None,
-    device: str | torch.device | None = None,
-    retrain: bool = False,
-    progress: bool = True,
-) -> Detector:
-    """Small Faster R-CNN trained from scratch on synthetic shapes (circle, square, triangle).
-
-    Trained on first use (about 5.5 minutes on two CPU cores, val AP50 about 0.95) and cached
-    in ``<cache_dir>/detectors/synthetic-frcnn/``; see ``load_demo`` for the arguments.
-    """
-    return load_demo("synthetic-frcnn", cache_dir, device, retrain, progress)
-
-
-@DETECTORS.register("synthetic-crowd-fcos")
-def synthetic_crowd_fcos(
-    cache_dir: str | Path | None = None,
-    device: str | torch.device | None = None,
-    retrain: bool = False,
-    progress: bool = True,
-) -> Detector:
-    """Small FCOS trained from scratch on synthetic crowds (one class, person), for comparing
-    NMS strategies; cached in ``<cache_dir>/detectors/synthetic-crowd-fcos/`` (``load_demo``)."""
-    return load_demo("synthetic-crowd-fcos", cache_dir, device, retrain, progress)
-
-
-@DETECTORS.register("synthetic-crowd-frcnn")
-def synthetic_crowd_frcnn(
-    cache_dir: str | Path | None = None,
-    device: str | torch.device | None = None,
-    retrain: bool = False,
-    progress: bool = True,
-) -> Detector:
-    """Small Faster R-CNN trained from scratch on synthetic crowds (one class, person), for
-    comparing NMS strategies; cached in ``<cache_dir>/detectors/synthetic-crowd-frcnn/``."""
-    return load_demo("synthetic-crowd-frcnn", cache_dir, device, retrain, progress)
-
-
 def _small_builder(build: Callable[..., nn.Module], name: str) -> Callable[..., Detector]:
     def builder(
         class_names: list[str] | None = None,
@@ -401,30 +382,24 @@ def _small_builder(build: Callable[..., nn.Module], name: str) -> Callable[..., 
     return builder
 
 
-@DETECTORS.register("synthetic-fcos-odamtrain")
-def synthetic_fcos_odamtrain(
-    cache_dir: str | Path | None = None,
-    device: str | torch.device | None = None,
-    retrain: bool = False,
-    progress: bool = True,
-) -> Detector:
-    """``synthetic-fcos``'s architecture, initial weights and data, trained with Odam-Train
-    (``odam-train``, weight 0.5); cached in ``<cache_dir>/detectors/synthetic-fcos-odamtrain/``
-    (``load_demo``)."""
-    return load_demo("synthetic-fcos-odamtrain", cache_dir, device, retrain, progress)
+def _demo_builder(name: str, spec: DemoSpec) -> Callable[..., Detector]:
+    def build(
+        cache_dir: str | Path | None = None,
+        device: str | torch.device | None = None,
+        retrain: bool = False,
+        progress: bool = True,
+    ) -> Detector:
+        return load_demo(name, cache_dir, device, retrain, progress)
+
+    build.__name__ = name.replace("-", "_")
+    build.__doc__ = (
+        f"{spec.about}. Trained on first use and cached in ``<cache_dir>/detectors/{name}/``; "
+        "see ``load_demo`` for the arguments."
+    )
+    return build
 
 
-@DETECTORS.register("synthetic-crowd-fcos-odamtrain")
-def synthetic_crowd_fcos_odamtrain(
-    cache_dir: str | Path | None = None,
-    device: str | torch.device | None = None,
-    retrain: bool = False,
-    progress: bool = True,
-) -> Detector:
-    """``synthetic-crowd-fcos`` trained with Odam-Train instead (for Odam-NMS with and
-    without Odam-Train); cached in ``<cache_dir>/detectors/synthetic-crowd-fcos-odamtrain/``."""
-    return load_demo("synthetic-crowd-fcos-odamtrain", cache_dir, device, retrain, progress)
-
-
+for _name, _spec in {**DEMOS, **CROWD_DEMOS, **ODAM_TRAIN_DEMOS}.items():
+    DETECTORS.register(_name, _demo_builder(_name, _spec))
 DETECTORS.register("small-fcos", _small_builder(build_small_fcos, "small-fcos"))
 DETECTORS.register("small-frcnn", _small_builder(build_small_frcnn, "small-frcnn"))
