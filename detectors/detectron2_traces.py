@@ -20,10 +20,10 @@ from detectron2.structures import Boxes, ImageList
 from torch import nn
 from xaibench.detectors.feature_masks import check_masks, masks_to_layer
 from xaibench.detectors.geometry import InputGeometry
-from xaibench.detectors.torchvision import box_edges
 from xaibench.detectors.windows import WindowedTrace
 
 from xaibench.detector import FeatureWindows
+from xaibench.targets import UnitOutputs, target_values
 from xaibench.types import ATTRIBUTES, Detections, Target
 
 if TYPE_CHECKING:
@@ -267,15 +267,17 @@ class RCNNTrace(Detectron2Trace):
         det = [t.index for t in targets]
         cls = self.detections.labels[det] - 1
         rows = torch.arange(len(targets))
-        scores = self.detector._probs(logits)[rows, cls]
+        probs = self.detector._probs(logits)  # background last
         boxes = self.detector.model.roi_heads.box_predictor.box2box_transform.apply_deltas(
             deltas, rois
         ).view(len(targets), -1, 4)
         boxes = boxes[rows, cls] if boxes.shape[1] > 1 else boxes[:, 0]
-        edges = box_edges(self.geometry.boxes_to_original(boxes))
-        columns = {"score": scores, "x1": edges[:, 0], "y1": edges[:, 1], "x2": edges[:, 2]}
-        columns["y2"] = edges[:, 3]
-        return torch.stack([columns[t.attribute][i] for i, t in enumerate(targets)])
+        outputs = UnitOutputs(
+            probs[rows, cls],
+            self.geometry.boxes_to_original(boxes),
+            torch.cat((probs[:, -1:], probs[:, :-1]), 1),  # background first, as Detections
+        )
+        return target_values(targets, outputs)
 
     def _values(self, features, targets, batch=None):
         rois = self._target_rois(targets)
@@ -392,13 +394,15 @@ class RetinaNetTrace(Detectron2Trace):
         """Target values from each target's raw head outputs at its cell ({name: (T, C_out)})."""
         t, a = len(targets), self.detector.num_anchors
         rows = torch.arange(t)
-        scores = cells["cls_score"].view(t, a, -1)[rows, anchor, cls].sigmoid()
+        probs = cells["cls_score"].view(t, a, -1)[rows, anchor].sigmoid()  # (T, K)
         deltas = cells["bbox_pred"].view(t, a, 4)[rows, anchor]
         boxes = self.detector.model.box2box_transform.apply_deltas(deltas, anchor_boxes)
-        edges = box_edges(self.geometry.boxes_to_original(boxes))
-        columns = {"score": scores, "x1": edges[:, 0], "y1": edges[:, 1], "x2": edges[:, 2]}
-        columns["y2"] = edges[:, 3]
-        return torch.stack([columns[tg.attribute][i] for i, tg in enumerate(targets)])
+        outputs = UnitOutputs(
+            probs[rows, cls],
+            self.geometry.boxes_to_original(boxes),
+            F.pad(probs, (1, 0)),  # column 0: the background (none for a sigmoid head)
+        )
+        return target_values(targets, outputs)
 
     def _anchor_boxes(self, level, y, x, anchor) -> torch.Tensor:
         a = self.detector.num_anchors

@@ -37,16 +37,12 @@ from xaibench.detectors.windows import WindowedTrace
 from xaibench.detector import Detector, FeatureWindows
 from xaibench.images import to_rgb_float, to_rgb_uint8
 from xaibench.registry import DETECTORS
+from xaibench.targets import UnitOutputs, target_values
 from xaibench.types import ATTRIBUTES, Detections, Provenance, Target
 
 COCO_CLASS_NAMES: list[str] = [
     str(name) for name in tvd.FasterRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"]
 ]
-
-
-def box_edges(boxes: torch.Tensor) -> torch.Tensor:
-    """Box edges measured outwards (-x1, -y1, x2, y2): the values box targets explain."""
-    return boxes * boxes.new_tensor([-1.0, -1.0, 1.0, 1.0])
 
 
 class TorchvisionDetector(Detector):
@@ -500,19 +496,12 @@ class OneStageTrace(_BaseTrace):
         flat = {
             name: v.view(len(targets), a, -1)[rows, anchor] for name, v in cells.items()
         }  # (T, C_out / A)
-        scores = det._scores(flat)[rows, cls]
+        class_scores = det._scores(flat)  # (T, K)
         w = torch.tensor([self.features[int(lv)].shape[-1] for lv in level], device=level.device)
         anchor_index = self.anchor_offsets.to(level.device)[level] + (y * w + x) * a + anchor
         boxes = det._decode(flat["bbox_reg"], self.anchors[anchor_index])
-        edges = box_edges(self.geometry.boxes_to_original(boxes))
-        attr = {
-            "score": scores,
-            "x1": edges[:, 0],
-            "y1": edges[:, 1],
-            "x2": edges[:, 2],
-            "y2": edges[:, 3],
-        }
-        return torch.stack([attr[t.attribute][i] for i, t in enumerate(targets)])
+        box = self.geometry.boxes_to_original(boxes)
+        return target_values(targets, UnitOutputs(class_scores[rows, cls], box, class_scores))
 
     def _graph_state(self, features):
         return list(features.values()), self.detector._head(list(features.values()), record=False)
@@ -765,19 +754,12 @@ class FasterRCNNTrace(_BaseTrace):
         det = torch.tensor([t.index for t in targets], dtype=torch.long)
         cls = self.detections.provenance.class_index[det]
         rows = torch.arange(len(targets))
-        scores = F.softmax(logits, -1)[rows, cls]
+        probs = F.softmax(logits, -1)
         heads = self.detector.model.roi_heads
         deltas = regression.view(len(targets), -1, 4)[rows, cls]
         boxes = heads.box_coder.decode_single(deltas, rois)
-        edges = box_edges(self.geometry.boxes_to_original(boxes))
-        attr = {
-            "score": scores,
-            "x1": edges[:, 0],
-            "y1": edges[:, 1],
-            "x2": edges[:, 2],
-            "y2": edges[:, 3],
-        }
-        return torch.stack([attr[t.attribute][i] for i, t in enumerate(targets)])
+        box = self.geometry.boxes_to_original(boxes)
+        return target_values(targets, UnitOutputs(probs[rows, cls], box, probs))
 
     def _graph_state(self, features):
         return features
