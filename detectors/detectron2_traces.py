@@ -169,18 +169,7 @@ class Detectron2Trace(WindowedTrace):
         """Differentiable score and box of fixed units on ``images``. The input transform is
         detectron2's, made differentiable: bilinear resize (torch, where detectron2 resizes
         uint8 images with PIL), pixel format, normalisation and padding."""
-        if images.dim() != 4 or images.shape[1] != 3 or len(indices) != images.shape[0]:
-            raise ValueError(
-                f"images must be (B, 3, H, W) with one index per row; got {tuple(images.shape)} "
-                f"and {len(indices)} indices"
-            )
-        if tuple(images.shape[-2:]) != self.image_size:
-            raise ValueError(
-                f"images must have the traced image's size {self.image_size}, "
-                f"got {tuple(images.shape[-2:])}"
-            )
-        indices = [int(i) for i in indices]
-        self._check([Target(i) for i in indices])
+        indices = self._check_unit_images(images, indices)
         model = self.detector.model
         x = images.to(self.detector.device).float() * 255.0
         if self.detector.input_format == "BGR":

@@ -277,9 +277,7 @@ class EvidenceTrace(WhiteBoxTrace):
     ) -> list[FeatureWindows]:
         """Exact gradients on the whole layer for both modes; ``margin`` is not needed (the
         window is the whole layer, zero-padded by nothing)."""
-        self._check(targets)
-        if mode not in ("fast", "exact"):
-            raise ValueError(f"mode must be 'fast' or 'exact', got {mode!r}")
+        self._check(targets, mode)
         if not targets:
             return []
         with torch.enable_grad():
@@ -337,16 +335,7 @@ class EvidenceTrace(WhiteBoxTrace):
     def provenance_outputs(
         self, images: torch.Tensor, indices: Sequence[int]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if images.dim() != 4 or images.shape[1] != 3 or len(indices) != images.shape[0]:
-            raise ValueError(
-                f"images must be (B, 3, H, W) with one index per row; got {tuple(images.shape)} "
-                f"and {len(indices)} indices"
-            )
-        if tuple(images.shape[-2:]) != self.image_size:
-            raise ValueError(
-                f"images must have the traced image's size {self.image_size}, "
-                f"got {tuple(images.shape[-2:])}"
-            )
+        indices = self._check_unit_images(images, indices)
         _, logits = self.detector.net(self.detector.to_input(images))
         rows = torch.arange(len(indices))
         idx = torch.as_tensor(list(indices), dtype=torch.long)

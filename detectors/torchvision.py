@@ -430,20 +430,10 @@ class _BaseTrace(WindowedTrace):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The detector's own transform, backbone and head on ``images``, read at the units
         (one-stage: level, cell, anchor, class; Faster R-CNN: the fixed proposal and class)."""
-        if images.dim() != 4 or images.shape[1] != 3 or len(indices) != images.shape[0]:
-            raise ValueError(
-                f"images must be (B, 3, H, W) with one index per row; got {tuple(images.shape)} "
-                f"and {len(indices)} indices"
-            )
-        if tuple(images.shape[-2:]) != self.image_size:
-            raise ValueError(
-                f"images must have the traced image's size {self.image_size}, "
-                f"got {tuple(images.shape[-2:])}"
-            )
-        self._check([Target(int(i)) for i in indices])
+        indices = self._check_unit_images(images, indices)
         image_list, _ = self.detector.model.transform(list(images.to(self.detector.device)))
         features = self.detector._features(image_list)
-        values = self._unit_values(features, [int(i) for i in indices])  # (5, B)
+        values = self._unit_values(features, indices)  # (5, B)
         return values[0], values[1:].T * values.new_tensor([-1.0, -1.0, 1.0, 1.0])
 
     # family-specific -------------------------------------------------------------

@@ -40,9 +40,7 @@ class WindowedTrace(WhiteBoxTrace):
         mode: GradientMode = "fast",
         margin: int | Callable[[torch.Tensor], int] = 0,
     ) -> list[FeatureWindows]:
-        self._check(targets)
-        if mode not in ("fast", "exact"):
-            raise ValueError(f"mode must be 'fast' or 'exact', got {mode!r}")
+        self._check(targets, mode)
         if layer not in ("fpn", "roi", *self.detector.feature_levels):
             self._module_for(layer)  # a clear error for an unknown layer
         if not targets:
