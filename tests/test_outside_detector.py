@@ -62,7 +62,7 @@ def install(site: Path) -> dict[str, str]:
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: tiny-centernet\nVersion: 0.1\n")
     (info / "entry_points.txt").write_text(
-        '[xaibench.detectors]\ntiny-centernet = "tiny_centernet:build"\n'.replace('"', "")
+        "[xaibench.detectors]\ntiny-centernet = tiny_centernet:build\n"
     )
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(site), env.get("PYTHONPATH")) if p)
