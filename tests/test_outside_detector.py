@@ -100,6 +100,14 @@ def test_an_installed_outside_detector_runs_explain_compare_and_evaluate(tmp_pat
     heat = np.load(out / explained[0]["maps"]["odam:combined"]["npy"])
     assert heat.shape == (160, 160) and heat.max() > 0
 
+    # factories get only what the user gives: this one has no weights, --weights is refused
+    refused = xaibench(env, "explain", str(image), "-d", "tiny-centernet", "--weights", "w.pt",
+                       "--out", str(tmp_path / "refused"))  # fmt: skip
+    assert refused.returncode == 2
+    assert "--weights weights: not a setting of build" in " ".join(
+        refused.stderr.replace("│", " ").split()
+    )
+
     out = tmp_path / "compare"
     done = xaibench(env, "compare", str(image), "--methods", "odam,gradcampp,drise",
                     "-d", "tiny-centernet", "--top-k", "1", "-p", "drise.n=16",
