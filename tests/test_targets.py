@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import build
 from xaibench.detectors.evidence import build_evidence_toy, evidence_image
 from xaibench.methods.odam import ODAM
 
@@ -73,3 +74,33 @@ def test_another_class_probability_through_the_evidence_detector() -> None:
     x1, y1, x2, y2 = detector.objects[0].region  # and all of it on the region (+ one cell)
     s = detector.stride
     assert odam_score[y1 - s : y2 + s, x1 - s : x2 + s].sum() > 0.999 * odam_score.sum()
+
+
+def wrapper(family: str):
+    """A torchvision wrapper of conftest, or a small detectron2 one (``d2_<architecture>``)."""
+    if not family.startswith("d2_"):
+        return build(family)[1]
+    pytest.importorskip("detectron2")
+    from xaibench.detectors import detectron2 as d2
+
+    torch.manual_seed(0)
+    config = d2.small_config(family.removeprefix("d2_"), 3)
+    return d2.build(config, class_names=["circle", "square", "triangle"], score_thresh=0.0)
+
+
+@pytest.mark.parametrize("family", ["fcos", "retinanet", "frcnn", "d2_faster_rcnn", "d2_retinanet"])
+def test_class_probability_targets_read_the_detections_class_probs(family, random_image) -> None:
+    """Every wrapper gives its units' class probabilities in the columns of
+    ``Detections.class_probs``: the target ``ClassProbability(label)`` of a detection is its
+    class_probs entry, and that of its own label is its score."""
+    detector = wrapper(family)
+    trace = detector.trace(random_image)
+    det = trace.detections
+    rows = list(range(min(4, len(det))))
+    other = [int(det.labels[i]) % (detector.num_classes - 1) + 1 for i in rows]
+    targets = [Target(i, ClassProbability(int(det.labels[i]))) for i in rows]
+    targets += [Target(i, ClassProbability(c)) for i, c in zip(rows, other, strict=True)]
+    values = trace.target_values(targets)
+    expected = [float(det.class_probs[t.index, t.attribute.label]) for t in targets]
+    assert values.tolist() == pytest.approx(expected, abs=1e-5)
+    assert values[: len(rows)].tolist() == pytest.approx(det.scores[rows].tolist(), abs=1e-5)
