@@ -305,7 +305,7 @@ class DenseDetector(Detector):
                         class_index=labels,
                     ),
                     image_size=geometry.original,
-                ).to("cpu")
+                )
             )
         return out
 
