@@ -277,15 +277,8 @@ class DenseDetector(Detector):
             cell = torch.div(keep, self.num_classes - 1, rounding_mode="floor")
             labels = keep % (self.num_classes - 1) + 1
             height, width = geometry.original
-            clipped = torch.stack(
-                (
-                    boxes[cell, 0].clamp(0, width),
-                    boxes[cell, 1].clamp(0, height),
-                    boxes[cell, 2].clamp(0, width),
-                    boxes[cell, 3].clamp(0, height),
-                ),
-                1,
-            )
+            edge = boxes.new_tensor([width, height, width, height])
+            clipped = torch.minimum(boxes[cell].clamp(min=0), edge)  # to the original image
             order = torch.arange(len(keep), device=self.device)
             if nms:
                 order = batched_nms(clipped, scores[keep], labels, m.nms_thresh)
@@ -324,10 +317,7 @@ class DenseDetector(Detector):
             ):
                 stop += 1
             x, geometry = self.inputs(torch.stack(pixels[start:stop]))
-            feats = self.layers(x)
-            out.extend(
-                self.postprocess(self.model.head(feats[self.model.head_layer]), geometry, nms)
-            )
+            out.extend(self.postprocess(self.head_outputs(x), geometry, nms))
             start = stop
         return out
 
