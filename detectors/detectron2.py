@@ -29,10 +29,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from xaibench.detectors.geometry import InputGeometry
 from xaibench.detectors.local_head import GN_TOLERANCE, Branch, LocalConvHead, flatten_tower
 
 from xaibench.detector import Detector
+from xaibench.geometry import InputGeometry
 from xaibench.images import to_rgb_float, to_rgb_uint8
 from xaibench.types import Detections, Provenance
 

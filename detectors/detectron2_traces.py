@@ -18,11 +18,11 @@ import torch.nn.functional as F
 from detectron2.layers import ROIAlign
 from detectron2.structures import Boxes, ImageList
 from torch import nn
-from xaibench.detectors.feature_masks import check_masks, masks_to_layer
-from xaibench.detectors.geometry import InputGeometry
 from xaibench.detectors.windows import WindowedTrace
 
 from xaibench.detector import FeatureWindows
+from xaibench.feature_masks import check_masks, masks_to_layer
+from xaibench.geometry import InputGeometry
 from xaibench.targets import UnitOutputs, target_values
 from xaibench.types import ATTRIBUTES, Detections, Target
 

@@ -36,10 +36,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from xaibench.detectors.feature_masks import check_masks, masks_to_layer
-from xaibench.detectors.geometry import InputGeometry
 
 from xaibench.detector import Detector, FeatureWindows, GradientMode, WhiteBoxTrace
+from xaibench.feature_masks import check_masks, masks_to_layer
+from xaibench.geometry import InputGeometry
 from xaibench.images import to_rgb_float
 from xaibench.registry import DETECTORS
 from xaibench.targets import UnitOutputs, target_values

@@ -1,5 +1,5 @@
-"""The feature-mask helpers live in the core (``xaibench.feature_masks``) so that outside
-detectors use them without an internal module; the wrappers here import them by this path."""
+"""The feature-mask helpers live in the core, ``xaibench.feature_masks`` (outside detectors
+use them without an internal module); this path keeps older imports working."""
 
 from xaibench.feature_masks import check_masks, masks_to_layer
 

@@ -1,5 +1,5 @@
-"""``InputGeometry`` lives in the core (``xaibench.geometry``) so that outside detectors use it
-without an internal module; the wrappers here import it by this path too."""
+"""``InputGeometry`` lives in the core, ``xaibench.geometry`` (outside detectors use it
+without an internal module); this path keeps older imports working."""
 
 from xaibench.geometry import InputGeometry
 

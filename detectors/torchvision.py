@@ -22,8 +22,6 @@ from torchvision.models import detection as tvd
 from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import boxes as box_ops
-from xaibench.detectors.feature_masks import check_masks, masks_to_layer
-from xaibench.detectors.geometry import InputGeometry
 from xaibench.detectors.local_head import (
     GN_TOLERANCE,
     Branch,
@@ -35,6 +33,8 @@ from xaibench.detectors.weights import pretrained, warn_random
 from xaibench.detectors.windows import WindowedTrace
 
 from xaibench.detector import Detector, FeatureWindows
+from xaibench.feature_masks import check_masks, masks_to_layer
+from xaibench.geometry import InputGeometry
 from xaibench.images import to_rgb_float, to_rgb_uint8
 from xaibench.registry import DETECTORS
 from xaibench.targets import UnitOutputs, target_values

@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from xaibench.detectors.geometry import InputGeometry
 from xaibench.detectors.local_head import LevelRecord
 
 from xaibench.detector import FeatureWindows, GradientMode, WhiteBoxTrace
+from xaibench.geometry import InputGeometry
 from xaibench.types import Detections, Target
 
 
