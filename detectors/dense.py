@@ -2,10 +2,10 @@
 torchvision, RetinaNet of detectron2.
 
 A dense head predicts, at every cell of every feature level, a few anchors' class scores and
-box deltas. The framework adapter (``DenseDetector``) supplies the head's modules as a
+box deltas. The framework adapter (``DenseNetwork``) supplies the head's modules as a
 ``LocalConvHead`` (or its plain forward), the anchors, how one unit's raw outputs become its
 score and box, and the post-processing with provenance (level, cell, anchor, class). The trace
-(``DenseTrace``) explains any unit from those; its fast path back-propagates all targets at
+(``DenseNetworkTrace``) explains any unit from those; its fast path back-propagates all targets at
 once on windows of their levels (``detectors/local_head.py``, which also owns the GroupNorm
 guard).
 """
@@ -18,18 +18,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from xaibench.detectors.geometry import InputGeometry
 from xaibench.detectors.local_head import HeadRecords, LocalConvHead
 from xaibench.detectors.network import Features, NetworkDetector, NetworkTrace
 
 from xaibench.detector import FeatureWindows
+from xaibench.geometry import InputGeometry
 from xaibench.types import Detections, Target
 
 RawOutputs = list[dict[str, torch.Tensor]]
 """Per level, the head's raw output maps {name: (N, A * C_out, h, w)}."""
 
 
-class DenseDetector(NetworkDetector):
+class DenseNetwork(NetworkDetector):
     """The adapter of a one-stage detector (on top of ``NetworkDetector``'s).
 
     Provenance of a detection: ``level`` (index into ``feature_levels``), cell ``y``/``x`` on
@@ -103,20 +103,20 @@ class DenseDetector(NetworkDetector):
         anchors = self.anchors(inputs, levels)
         return [self.postprocess(raw, anchors, g, i, nms) for i, g in enumerate(geometry)]
 
-    def trace(self, image: np.ndarray) -> DenseTrace:
-        return DenseTrace(self, image)
+    def trace(self, image: np.ndarray) -> DenseNetworkTrace:
+        return DenseNetworkTrace(self, image)
 
-    def trace_candidates(self, image: np.ndarray) -> DenseTrace:
-        return DenseTrace(self, image, nms=False)
+    def trace_candidates(self, image: np.ndarray) -> DenseNetworkTrace:
+        return DenseNetworkTrace(self, image, nms=False)
 
 
-class DenseTrace(NetworkTrace):
+class DenseNetworkTrace(NetworkTrace):
     """A one-stage detector's trace. Fast path on the FPN levels: each prediction depends on a
     small window of its level, back-propagated for all predictions at once."""
 
-    detector: DenseDetector
+    detector: DenseNetwork
 
-    def __init__(self, detector: DenseDetector, image: np.ndarray, nms: bool = True) -> None:
+    def __init__(self, detector: DenseNetwork, image: np.ndarray, nms: bool = True) -> None:
         super().__init__(detector, image)
         with torch.no_grad():
             self.levels = [self.features[name] for name in detector.feature_levels]

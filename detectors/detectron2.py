@@ -29,12 +29,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from xaibench.detectors.dense import DenseDetector, RawOutputs
-from xaibench.detectors.geometry import InputGeometry
+from xaibench.detectors.dense import DenseNetwork, RawOutputs
 from xaibench.detectors.local_head import GN_TOLERANCE, Branch, LocalConvHead, flatten_tower
 from xaibench.detectors.network import Features, NetworkDetector
-from xaibench.detectors.roi import Proposals, RoIAlignSettings, RoIDetector
+from xaibench.detectors.roi import Proposals, RoIAlignSettings, RoINetwork
 
+from xaibench.geometry import InputGeometry
 from xaibench.images import to_rgb_float, to_rgb_uint8
 from xaibench.types import Detections, Provenance
 
@@ -194,7 +194,7 @@ def _cells(centres: torch.Tensor, stride: torch.Tensor) -> torch.Tensor:
     return torch.div(centres, stride[:, None], rounding_mode="floor").long()
 
 
-class Detectron2RCNN(Detectron2Detector, RoIDetector):
+class Detectron2RCNN(Detectron2Detector, RoINetwork):
     """Faster R-CNN (``GeneralizedRCNN`` with standard RoI heads). Provenance: the proposal
     (index and box), its pooled FPN level, the cell of its centre there, and the class;
     objectness is the RPN's (sigmoid of its logit)."""
@@ -322,7 +322,7 @@ class Detectron2RCNN(Detectron2Detector, RoIDetector):
         )
 
 
-class Detectron2RetinaNet(Detectron2Detector, DenseDetector):
+class Detectron2RetinaNet(Detectron2Detector, DenseNetwork):
     """RetinaNet. Provenance: level (``head_in_features``), cell, anchor and class.
 
     ``gn_tolerance`` and ``exact_level_cells``: the GroupNorm guard when the head uses

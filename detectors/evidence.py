@@ -36,12 +36,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from xaibench.detectors.feature_masks import check_masks, masks_to_layer
-from xaibench.detectors.geometry import InputGeometry
 
 from xaibench.detector import Detector, FeatureWindows, GradientMode, WhiteBoxTrace
+from xaibench.feature_masks import check_masks, masks_to_layer
+from xaibench.geometry import InputGeometry
 from xaibench.images import to_rgb_float
 from xaibench.registry import DETECTORS
+from xaibench.targets import UnitOutputs, target_values
 from xaibench.types import Detections, Provenance, Target
 
 LEVEL = "p1"
@@ -156,9 +157,7 @@ class EvidenceDetector(Detector):
         n = len(self.objects)
         labels = torch.tensor([o.label for o in self.objects], dtype=torch.long)
         scores = scores.detach().float().cpu()
-        probs = torch.zeros(n, self.num_classes)
-        probs[:, 0] = 1 - scores
-        probs[torch.arange(n), labels] = scores
+        probs = self.class_probs(scores, labels)
         cy = torch.tensor([(o.region[1] + o.region[3]) / 2 for o in self.objects])
         cx = torch.tensor([(o.region[0] + o.region[2]) / 2 for o in self.objects])
         return Detections(
@@ -175,6 +174,13 @@ class EvidenceDetector(Detector):
             ),
             image_size=image_size,
         )
+
+    def class_probs(self, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """(N, C) class distributions (differentiable in ``scores`` (N,)): 1 - score in
+        column 0 (background), the score in the object's label's column, 0 elsewhere."""
+        columns = F.one_hot(labels.to(scores.device), self.num_classes).to(scores)
+        background = F.one_hot(torch.zeros_like(labels), self.num_classes).to(scores)
+        return columns * scores[:, None] + background * (1 - scores)[:, None]
 
     def boxes(self) -> torch.Tensor:
         """The fixed predicted boxes (N, 4), xyxy original pixels."""
@@ -254,16 +260,13 @@ class EvidenceTrace(WhiteBoxTrace):
         return layer, a, logits
 
     def _values(self, logits: torch.Tensor, targets: Sequence[Target]) -> torch.Tensor:
-        """Target values (T,) from logits (1, N): score, or the box edges -x1, -y1, x2, y2."""
-        scores = torch.sigmoid(logits[0])
-        edges = self.detector.boxes().to(scores) * scores.new_tensor([-1.0, -1.0, 1.0, 1.0])
-        column = {"x1": 0, "y1": 1, "x2": 2, "y2": 3}
-        return torch.stack(
-            [
-                scores[t.index] if t.attribute == "score" else edges[t.index, column[t.attribute]]
-                for t in targets
-            ]
-        )
+        """Target values (T,) from logits (1, N) (``xaibench.targets``)."""
+        index = torch.tensor([t.index for t in targets], dtype=torch.long)
+        scores = torch.sigmoid(logits[0])[index.to(logits.device)]
+        labels = torch.tensor([self.detector.objects[i].label for i in index.tolist()])
+        boxes = self.detector.boxes().to(scores)[index.to(scores.device)]
+        probs = self.detector.class_probs(scores, labels)
+        return target_values(targets, UnitOutputs(scores, boxes, probs))
 
     def gradients(
         self,
@@ -274,9 +277,7 @@ class EvidenceTrace(WhiteBoxTrace):
     ) -> list[FeatureWindows]:
         """Exact gradients on the whole layer for both modes; ``margin`` is not needed (the
         window is the whole layer, zero-padded by nothing)."""
-        self._check(targets)
-        if mode not in ("fast", "exact"):
-            raise ValueError(f"mode must be 'fast' or 'exact', got {mode!r}")
+        self._check(targets, mode)
         if not targets:
             return []
         with torch.enable_grad():
@@ -334,16 +335,7 @@ class EvidenceTrace(WhiteBoxTrace):
     def provenance_outputs(
         self, images: torch.Tensor, indices: Sequence[int]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if images.dim() != 4 or images.shape[1] != 3 or len(indices) != images.shape[0]:
-            raise ValueError(
-                f"images must be (B, 3, H, W) with one index per row; got {tuple(images.shape)} "
-                f"and {len(indices)} indices"
-            )
-        if tuple(images.shape[-2:]) != self.image_size:
-            raise ValueError(
-                f"images must have the traced image's size {self.image_size}, "
-                f"got {tuple(images.shape[-2:])}"
-            )
+        indices = self._check_unit_images(images, indices)
         _, logits = self.detector.net(self.detector.to_input(images))
         rows = torch.arange(len(indices))
         idx = torch.as_tensor(list(indices), dtype=torch.long)

@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from xaibench.detectors.feature_masks import check_masks, masks_to_layer
-from xaibench.detectors.geometry import InputGeometry
 
 from xaibench.detector import Detector, FeatureWindows, GradientMode, WhiteBoxTrace
+from xaibench.feature_masks import check_masks, masks_to_layer
+from xaibench.geometry import InputGeometry
 from xaibench.targets import UnitOutputs, target_values
 from xaibench.types import ATTRIBUTES, Detections, Target
 
@@ -66,11 +66,10 @@ class NetworkDetector(Detector):
     def detect(
         self, images: Sequence[np.ndarray], batch_size: int = 8, nms: bool = True
     ) -> list[Detections]:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        step = self.batch_limit(batch_size)
         results: list[Detections] = []
-        for start in range(0, len(images), batch_size):
-            inputs, geometry = self.prepare(images[start : start + batch_size])
+        for start in range(0, len(images), step):
+            inputs, geometry = self.prepare(images[start : start + step])
             results.extend(self.detect_from_features(inputs, self.features(inputs), geometry, nms))
         return results
 
@@ -149,9 +148,7 @@ class NetworkTrace(WhiteBoxTrace):
         mode: GradientMode = "fast",
         margin: int | Callable[[torch.Tensor], int] = 0,
     ) -> list[FeatureWindows]:
-        self._check(targets)
-        if mode not in ("fast", "exact"):
-            raise ValueError(f"mode must be 'fast' or 'exact', got {mode!r}")
+        self._check(targets, mode)
         if layer not in ("fpn", "roi", *self.detector.feature_levels):
             self._module_for(layer)  # a clear error for an unknown layer
         if not targets:
@@ -312,15 +309,14 @@ class NetworkTrace(WhiteBoxTrace):
         """Pyramid levels (``fpn`` = all of them, or one ``p<k>``) are masked on this trace's
         features and only the heads re-run; a backbone stage or ``module:<name>`` is masked by
         a forward hook and the whole network re-runs on the batch."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        step = self.detector.batch_limit(batch_size)
         if layer == "roi":
             raise KeyError("feature masks apply to spatial layers, not 'roi'")
         module = None if self._is_level(layer) else self._module_for(layer)
         masks = check_masks(masks).to(self.detector.device)
         out: list[Detections] = []
-        for start in range(0, masks.shape[0], batch_size):
-            chunk = masks[start : start + batch_size]
+        for start in range(0, masks.shape[0], step):
+            chunk = masks[start : start + step]
             b = chunk.shape[0]
             inputs = self.detector.repeat_input(self.image_list, b)
             if module is not None:
@@ -345,18 +341,7 @@ class NetworkTrace(WhiteBoxTrace):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The detector's own input transform (made differentiable), backbone and head on
         ``images``, read at the units of detections ``indices``."""
-        if images.dim() != 4 or images.shape[1] != 3 or len(indices) != images.shape[0]:
-            raise ValueError(
-                f"images must be (B, 3, H, W) with one index per row; got {tuple(images.shape)} "
-                f"and {len(indices)} indices"
-            )
-        if tuple(images.shape[-2:]) != self.image_size:
-            raise ValueError(
-                f"images must have the traced image's size {self.image_size}, "
-                f"got {tuple(images.shape[-2:])}"
-            )
-        indices = [int(i) for i in indices]
-        self._check([Target(i) for i in indices])
+        indices = self._check_unit_images(images, indices)
         inputs = self.detector.prepare_differentiable(
             images.to(self.detector.device), self.geometry
         )

@@ -2,10 +2,10 @@
 of detectron2.
 
 Each prediction depends on its own RoI's pooled features. The framework adapter
-(``RoIDetector``) supplies the proposals, RoI pooling, the box head, how one RoI's outputs
+(``RoINetwork``) supplies the proposals, RoI pooling, the box head, how one RoI's outputs
 become a class's score and box, the post-processing with provenance (proposal index and box,
 level, cell of the RoI centre, class), the level each RoI is pooled from and the RoIAlign
-settings of each level. The trace (``RoITrace``) explains any unit from those; its fast path
+settings of each level. The trace (``RoINetworkTrace``) explains any unit from those; its fast path
 back-propagates all targets through the box head in one pass (one row per target), then each
 RoI's gradient through RoIAlign on a window of its level (exact).
 
@@ -21,11 +21,11 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from xaibench.detectors.geometry import InputGeometry
 from xaibench.detectors.network import Features, NetworkDetector, NetworkTrace
 from xaibench.detectors.windows import roi_align_backward, roi_spans, size_groups
 
 from xaibench.detector import FeatureWindows
+from xaibench.geometry import InputGeometry
 from xaibench.types import Detections, Target
 
 
@@ -47,7 +47,7 @@ class RoIAlignSettings(NamedTuple):
     aligned: bool
 
 
-class RoIDetector(NetworkDetector):
+class RoINetwork(NetworkDetector):
     """The adapter of a two-stage detector (on top of ``NetworkDetector``'s)."""
 
     @abstractmethod
@@ -111,27 +111,27 @@ class RoIDetector(NetworkDetector):
             )
         ]
 
-    def trace(self, image: np.ndarray) -> RoITrace:
-        return RoITrace(self, image)
+    def trace(self, image: np.ndarray) -> RoINetworkTrace:
+        return RoINetworkTrace(self, image)
 
-    def trace_candidates(self, image: np.ndarray) -> RoITrace:
-        return RoITrace(self, image, nms=False)
+    def trace_candidates(self, image: np.ndarray) -> RoINetworkTrace:
+        return RoINetworkTrace(self, image, nms=False)
 
-    def trace_units(self, image: np.ndarray, units: Detections) -> RoITrace:
+    def trace_units(self, image: np.ndarray, units: Detections) -> RoINetworkTrace:
         """Re-read ``units`` on ``image`` with the current parameters: their own proposal boxes
         (``provenance.proposal_box``) and classes, not this run's proposals."""
-        return RoITrace(self, image, units=units)
+        return RoINetworkTrace(self, image, units=units)
 
 
-class RoITrace(NetworkTrace):
+class RoINetworkTrace(NetworkTrace):
     """A two-stage detector's trace (see the module docstring). ``rois`` (N, 4): each
     detection's RoI in resized-input pixels."""
 
-    detector: RoIDetector
+    detector: RoINetwork
 
     def __init__(
         self,
-        detector: RoIDetector,
+        detector: RoINetwork,
         image: np.ndarray,
         units: Detections | None = None,
         nms: bool = True,

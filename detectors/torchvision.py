@@ -23,14 +23,14 @@ from torchvision.models import detection as tvd
 from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import boxes as box_ops
-from xaibench.detectors.dense import DenseDetector, RawOutputs
-from xaibench.detectors.geometry import InputGeometry
+from xaibench.detectors.dense import DenseNetwork, RawOutputs
 from xaibench.detectors.local_head import GN_TOLERANCE, Branch, LocalConvHead, flatten_tower
 from xaibench.detectors.network import Features, NetworkDetector
-from xaibench.detectors.roi import Proposals, RoIAlignSettings, RoIDetector
+from xaibench.detectors.roi import Proposals, RoIAlignSettings, RoINetwork
 from xaibench.detectors.training import check_finite
 from xaibench.detectors.weights import pretrained, warn_random
 
+from xaibench.geometry import InputGeometry
 from xaibench.images import to_rgb_float, to_rgb_uint8
 from xaibench.registry import DETECTORS
 from xaibench.types import Detections, Provenance
@@ -165,7 +165,7 @@ def one_stage_local_head(
     )
 
 
-class OneStageDetector(TorchvisionDetector, DenseDetector):
+class OneStageDetector(TorchvisionDetector, DenseNetwork):
     """FCOS or RetinaNet. Provenance: level, cell (y, x), anchor, class.
 
     ``gn_tolerance`` and ``exact_level_cells``: the GroupNorm guard of the fast path on
@@ -293,7 +293,7 @@ class OneStageDetector(TorchvisionDetector, DenseDetector):
 # ----------------------------------------------------------------------------------
 
 
-class FasterRCNNDetector(TorchvisionDetector, RoIDetector):
+class FasterRCNNDetector(TorchvisionDetector, RoINetwork):
     """Faster R-CNN. Provenance: the RoI (proposal index and box), its FPN level and the
     cell of the RoI centre on that level, and the class; objectness is the RPN score."""
 

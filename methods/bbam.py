@@ -184,8 +184,9 @@ class BBAM(ExplanationMethod):
         pixels = pixels.to(detector.device)
         background = self.background(pixels)
         maps: dict[int, torch.Tensor] = {}
-        for first in range(0, len(indices), self.batch_size):
-            chunk = indices[first : first + self.batch_size]
+        batch = detector.batch_limit(self.batch_size)
+        for first in range(0, len(indices), batch):
+            chunk = indices[first : first + batch]
             for i, m in zip(chunk, self.optimise(trace, pixels, background, chunk), strict=True):
                 maps[i] = m
         return self.saliencies(targets, [maps[t.index].numpy() for t in targets], start)

@@ -36,6 +36,7 @@ from torchvision.ops import box_iou
 from tqdm.auto import tqdm
 
 from xaibench.detector import Detector, WhiteBoxTrace
+from xaibench.feature_masks import check_masks
 from xaibench.images import to_rgb_uint8
 from xaibench.method import ExplanationMethod, detection_indices
 from xaibench.registry import METHODS
@@ -104,15 +105,7 @@ class GivenMasks:
     when their size differs."""
 
     def __init__(self, masks: np.ndarray | torch.Tensor, image_size: tuple[int, int]) -> None:
-        masks = torch.as_tensor(np.asarray(masks) if not torch.is_tensor(masks) else masks)
-        if masks.dim() != 3 or 0 in masks.shape:
-            raise ValueError(
-                f"masks must have shape (N, h, w) with N, h, w > 0; got {tuple(masks.shape)}"
-            )
-        masks = masks.float()
-        if not torch.isfinite(masks).all() or masks.min() < 0 or masks.max() > 1:
-            raise ValueError("masks must hold finite values in [0, 1]")
-        self.masks = masks
+        self.masks = check_masks(masks if torch.is_tensor(masks) else np.asarray(masks))
         self.image_size = image_size
 
     def __len__(self) -> int:
@@ -241,7 +234,8 @@ class DRISE(ExplanationMethod):
             masked = pixels[None] * masks[..., None]
             if self.masking == "uint8":
                 masked = masked.round_().to(torch.uint8)
-            return detector.detect(list(masked.numpy()), batch_size=self.batch_size)
+            batch = detector.batch_limit(self.batch_size)
+            return detector.detect(list(masked.numpy()), batch_size=batch)
 
         return run
 
@@ -353,6 +347,7 @@ class FeatureDRISE(DRISE):
             raise ValueError("feature-space D-RISE needs the image's trace")
 
         def run(masks: torch.Tensor) -> list[Detections]:
-            return trace.detect_with_feature_masks(masks, self.layer, self.batch_size)
+            batch = detector.batch_limit(self.batch_size)
+            return trace.detect_with_feature_masks(masks, self.layer, batch)
 
         return run

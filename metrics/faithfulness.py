@@ -183,7 +183,8 @@ class PerturbationCurves:
                 pick = rankings[row][:count] if row >= 0 else np.arange(count)
                 out.reshape(-1, out.shape[-1])[pick] = source.reshape(-1, source.shape[-1])[pick]
                 images.append(out)
-            raw.extend(detector.detect(images, batch_size=self.batch_size, nms=False))
+            batch = detector.batch_limit(self.batch_size)
+            raw.extend(detector.detect(images, batch_size=batch, nms=False))
         out_scores = {}
         for mode in modes:
             table = where[mode]

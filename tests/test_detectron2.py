@@ -527,7 +527,7 @@ def detectron2_inference_on(model, image_list, features, geometry):
 @needs_detectron2
 @pytest.mark.parametrize("architecture", FAMILIES)
 def test_feature_masks_rerun_detectron2_on_masked_levels(small, architecture, scene) -> None:
-    from xaibench.detectors.feature_masks import masks_to_layer
+    from xaibench.feature_masks import masks_to_layer
 
     detector = small(architecture)
     trace = detector.trace(scene)

@@ -10,7 +10,6 @@ import pytest
 import torch
 from scipy import stats
 from xaibench.detectors.evidence import EvidenceDetector, EvidenceObject, EvidenceTrace
-from xaibench.detectors.feature_masks import check_masks, masks_to_layer
 from xaibench.metrics.drift import (
     FeatureDrift,
     central_energy,
@@ -21,6 +20,7 @@ from xaibench.metrics.drift import (
     summarise_drift,
 )
 
+from xaibench.feature_masks import check_masks, masks_to_layer
 from xaibench.types import Detections
 
 H, W = 60, 80

@@ -6,9 +6,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from conftest import build
-from xaibench.detectors.geometry import InputGeometry
 
 from xaibench.detector import FeatureWindows
+from xaibench.geometry import InputGeometry
 
 # 100 x 170 original, resized by 1.28 to 128 x 217, padded (to a multiple of 32) to 128 x 224
 GEOMETRY = InputGeometry(original=(100, 170), resized=(128, 217), padded=(128, 224))

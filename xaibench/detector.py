@@ -91,8 +91,11 @@ class WhiteBoxTrace(ABC):
     def target_values(self, targets: Sequence[Target]) -> torch.Tensor:
         """The scalar value of each target (T,), e.g. to check gradients numerically."""
 
-    def _check(self, targets: Sequence[Target]) -> None:
-        """Targets must be expanded (no ``combined``) and index existing detections."""
+    def _check(self, targets: Sequence[Target], mode: str | None = None) -> None:
+        """Targets must be expanded (no ``combined``) and index existing detections; ``mode``
+        (where given) must be ``fast`` or ``exact``."""
+        if mode is not None and mode not in ("fast", "exact"):
+            raise ValueError(f"mode must be 'fast' or 'exact', got {mode!r}")
         n = len(self.detections)
         for t in targets:
             if t.attribute == "combined":
@@ -109,12 +112,29 @@ class WhiteBoxTrace(ABC):
         detections (after NMS) of this image with ``layer`` multiplied by the mask and the rest
         of the network re-run, in batches of ``batch_size``. ``masks`` (N, h, w) in [0, 1]
         cover the original image at any resolution; each layer cell takes the mask's value at
-        its centre, cells over the input padding stay 1 (``detectors/feature_masks.py``);
+        its centre, cells over the input padding stay 1 (``xaibench.feature_masks``);
         ``"fpn"`` masks every pyramid level. Wrappers that cannot re-run part of their network
         leave this unimplemented."""
         raise NotImplementedError(
             f"{type(self).__name__} cannot re-run the network from a masked feature layer"
         )
+
+    def _check_unit_images(self, images: torch.Tensor, indices: Sequence[int]) -> list[int]:
+        """``provenance_outputs``' arguments checked: (B, 3, H, W) images of the traced
+        image's size, one existing detection index per row; the indices as ints."""
+        if images.dim() != 4 or images.shape[1] != 3 or len(indices) != images.shape[0]:
+            raise ValueError(
+                f"images must be (B, 3, H, W) with one index per row; got {tuple(images.shape)} "
+                f"and {len(indices)} indices"
+            )
+        if tuple(images.shape[-2:]) != self.image_size:
+            raise ValueError(
+                f"images must have the traced image's size {self.image_size}, "
+                f"got {tuple(images.shape[-2:])}"
+            )
+        indices = [int(i) for i in indices]
+        self._check([Target(i) for i in indices])
+        return indices
 
     def provenance_outputs(
         self, images: torch.Tensor, indices: Sequence[int]
@@ -138,10 +158,20 @@ class Detector(ABC):
     class_names: list[str]
     feature_levels: list[str]
     device: torch.device
+    max_batch: int | None = None
+    """The most images one forward pass may take (memory), or None for no limit: callers that
+    batch perturbed images (D-RISE, deletion, insertion, feature masks) ask ``batch_limit``."""
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    def batch_limit(self, requested: int) -> int:
+        """``requested`` images per forward pass (>= 1, else ValueError naming
+        ``batch_size``), capped by ``max_batch``."""
+        if requested < 1:
+            raise ValueError(f"batch_size must be >= 1, got {requested}")
+        return requested if self.max_batch is None else max(1, min(requested, self.max_batch))
 
     @abstractmethod
     def detect(

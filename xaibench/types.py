@@ -6,6 +6,7 @@ heat maps are float32 ``(H, W)`` arrays over the original image.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -148,6 +149,87 @@ class Detections:
         )
 
 
+def checked_detections(
+    boxes: Any,
+    scores: Any,
+    labels: Any,
+    class_probs: Any,
+    *,
+    num_classes: int,
+    image_size: tuple[int, int],
+    provenance: Provenance | None = None,
+    objectness: Any = None,
+    where: str = "detections",
+) -> Detections:
+    """``Detections`` from an outside detector's arrays or tensors, checked: boxes (N, 4) xyxy
+    in original-image pixels (not normalised to [0, 1], not beyond twice the image), scores
+    (N,) in [0, 1], labels (N,) integers in 1..num_classes - 1 (0 is the background),
+    class_probs (N, num_classes) with column 0 the background, objectness (N,) or None.
+    Without ``provenance`` each detection is its own unit: level 0, the pixel (y, x) of its
+    box centre, anchor 0, class_index = label. A mistake raises ValueError naming ``where``,
+    the field and what was expected."""
+
+    def tensor(value: Any, field_name: str, dtype: torch.dtype) -> torch.Tensor:
+        t = torch.as_tensor(value).detach().cpu()
+        if dtype == torch.long:
+            if t.is_floating_point() and not torch.equal(t, t.round()):
+                raise ValueError(f"{where}: {field_name} must hold integer labels")
+            return t.long()
+        t = t.float()
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{where}: {field_name} must be finite")
+        return t
+
+    b = tensor(boxes, "boxes", torch.float32)
+    n = b.shape[0] if b.dim() == 2 else -1
+    if b.dim() != 2 or b.shape[1] != 4:
+        raise ValueError(f"{where}: boxes must be (N, 4) xyxy; got shape {tuple(b.shape)}")
+    s = tensor(scores, "scores", torch.float32)
+    lab = tensor(labels, "labels", torch.long)
+    probs = tensor(class_probs, "class_probs", torch.float32)
+    for name, t, shape in (
+        ("scores", s, (n,)),
+        ("labels", lab, (n,)),
+        ("class_probs", probs, (n, num_classes)),
+    ):
+        if tuple(t.shape) != shape:
+            raise ValueError(
+                f"{where}: {name} must have shape {shape} for {n} boxes and {num_classes} "
+                f"classes (column 0 the background); got {tuple(t.shape)}"
+            )
+    if n and ((b[:, 2] < b[:, 0]) | (b[:, 3] < b[:, 1])).any():
+        raise ValueError(f"{where}: boxes must be xyxy with x2 >= x1 and y2 >= y1")
+    height, width = image_size
+    if n and max(height, width) > 2 and float(b.abs().max()) <= 1.0:
+        raise ValueError(
+            f"{where}: boxes lie in [0, 1]: normalised? expected xyxy in original-image pixels "
+            f"(image {height} x {width})"
+        )
+    reach = b.new_tensor([2 * width, 2 * height, 2 * width, 2 * height])
+    if n and (b.abs() > reach).any():
+        raise ValueError(
+            f"{where}: boxes reach beyond twice the image ({height} x {width} px): expected "
+            "xyxy in original-image pixels (not in the resized input's)"
+        )
+    if n and ((s < 0) | (s > 1)).any():
+        raise ValueError(f"{where}: scores must lie in [0, 1]")
+    if n and ((lab < 1) | (lab >= num_classes)).any():
+        raise ValueError(
+            f"{where}: labels must lie in 1..{num_classes - 1} (0 is the background); "
+            f"got {sorted(set(lab.tolist()))}"
+        )
+    obj = None if objectness is None else tensor(objectness, "objectness", torch.float32)
+    if obj is not None and tuple(obj.shape) != (n,):
+        raise ValueError(f"{where}: objectness must have shape ({n},); got {tuple(obj.shape)}")
+    if provenance is None:
+        centre = ((b[:, :2] + b[:, 2:]) / 2).long()
+        zeros = torch.zeros(n, dtype=torch.long)
+        provenance = Provenance(zeros, centre[:, 1], centre[:, 0], zeros, lab.clone())
+    elif len(provenance) != n:
+        raise ValueError(f"{where}: provenance has {len(provenance)} rows for {n} boxes")
+    return Detections(b, s, lab, probs, provenance, obj, (int(height), int(width)))
+
+
 @dataclass(frozen=True)
 class Target:
     """What to explain: one prediction (row of ``Detections``) and one attribute.
@@ -155,17 +237,19 @@ class Target:
     Box attributes are the predicted box edges measured outwards (-x1, -y1, x2, y2 of the
     decoded, unclipped box), so a positive gradient marks evidence for a larger box, as the
     regression targets of FCOS in the ODAM paper (App. A.5.6). ``combined`` is the element-wise
-    maximum of the five maps (the paper's H_comb).
+    maximum of the five maps (the paper's H_comb). Any other kind of target is a callable
+    attribute (``xaibench.targets.TargetFn``, e.g. ``ClassProbability(2)``): what a target
+    means is decided in ``xaibench.targets`` alone.
     """
 
     index: int
-    attribute: Attribute = "score"
+    attribute: Attribute | Callable[..., Any] = "score"
 
     def __post_init__(self) -> None:
-        if self.attribute not in (*ATTRIBUTES, "combined"):
+        if not callable(self.attribute) and self.attribute not in (*ATTRIBUTES, "combined"):
             raise ValueError(
-                f"Target.attribute must be one of {', '.join((*ATTRIBUTES, 'combined'))}; "
-                f"got {self.attribute!r}"
+                f"Target.attribute must be one of {', '.join((*ATTRIBUTES, 'combined'))} "
+                f"or a callable target kind (xaibench.targets); got {self.attribute!r}"
             )
         if self.index < 0:
             raise ValueError(f"Target.index must be >= 0, got {self.index}")

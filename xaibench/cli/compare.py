@@ -9,11 +9,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from xaibench.cli.errors import output_folder, shown_warnings, typed_params, user_errors
-from xaibench.cli.explain import build_method, parse_params
+from xaibench.cli.errors import output_folder, user_errors
+from xaibench.cli.explain import build_detector, build_method, parse_params
 from xaibench.compare import compare_methods, write_comparison
 from xaibench.images import load_detectable
-from xaibench.registry import DETECTORS, plugin_name
+from xaibench.registry import plugin_name
 from xaibench.types import ATTRIBUTES
 
 
@@ -90,12 +90,7 @@ def compare(
         output_folder(out)
     with user_errors("IMAGE", debug):
         picture = load_detectable(image)
-    det_kwargs = parse_params(detector_param)
-    if weights is not None:
-        det_kwargs["weights"] = weights
-    with user_errors("--detector", debug), shown_warnings():
-        typed_params(DETECTORS.get(detector), det_kwargs, "--detector-param")
-        wrapped = DETECTORS.build(detector, **det_kwargs)
+    wrapped = build_detector(detector, weights, detector_param, debug)
     console = Console()
     status = console.status(f"explaining {image.name} on {detector}")
     with user_errors("--method-param", debug), status:

@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 
 from xaibench.cli.errors import output_folder, shown_warnings, typed_params, user_errors
+from xaibench.detector import Detector
 from xaibench.explain import explain_image, write_explanation
 from xaibench.images import load_detectable
 from xaibench.method import ExplanationMethod
@@ -70,12 +71,7 @@ def explain(
         output_folder(out)
     with user_errors("IMAGE", debug):
         pictures = [load_detectable(path) for path in images]
-    det_kwargs = parse_params(detector_param)
-    if weights is not None:
-        det_kwargs["weights"] = weights
-    with user_errors("--detector", debug), shown_warnings():
-        typed_params(DETECTORS.get(detector), det_kwargs, "--detector-param")
-        wrapped = DETECTORS.build(detector, **det_kwargs)
+    wrapped = build_detector(detector, weights, detector_param, debug)
     explainer = build_method(method, parse_params(method_param), debug)
     for path, picture in zip(images, pictures, strict=True):
         status = console.status(f"explaining {path.name} with {method} on {detector}")
@@ -94,6 +90,19 @@ def explain(
             f"{path.name}: {len(result.detections)} detections, {len(result.explained)} "
             f"explained ({len(result.saliencies)} maps) -> {written}"
         )
+
+
+def build_detector(name: str, weights: str | None, params: list[str], debug: bool) -> Detector:
+    """The detector ``name`` built with the ``--detector-param`` items ``params`` and, only
+    where the user gave ``--weights``, ``weights`` (a factory without that setting is refused
+    naming --weights); a mistake ends the command in one line."""
+    kwargs = parse_params(params)
+    with user_errors("--detector", debug), shown_warnings():
+        factory = DETECTORS.get(name)
+        typed_params(factory, kwargs, "--detector-param")
+        if weights is not None:
+            kwargs.update(typed_params(factory, {"weights": weights}, "--weights"))
+        return DETECTORS.build(name, **kwargs)
 
 
 def build_method(

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from xaibench.detectors.geometry import InputGeometry
+
+from xaibench.geometry import InputGeometry
 
 
 def check_masks(masks: torch.Tensor) -> torch.Tensor:
