@@ -136,14 +136,11 @@ class DenseNetworkTrace(NetworkTrace):
     def _anchor_boxes(self, level, y, x, anchor) -> torch.Tensor:
         """(T, 4) anchor box of each unit, resized-input pixels."""
         a = self.detector.num_anchors
-        return torch.stack(
-            [
-                self.anchors[int(lv)][
-                    (int(yy) * self.levels[int(lv)].shape[-1] + int(xx)) * a + int(an)
-                ]
-                for lv, yy, xx, an in zip(level, y, x, anchor, strict=True)
-            ]
-        ).reshape(-1, 4)
+        sizes = torch.tensor([0] + [len(anchors) for anchors in self.anchors[:-1]])
+        starts = sizes.cumsum(0).to(level.device)
+        widths = torch.tensor([f.shape[-1] for f in self.levels], device=level.device)
+        index = starts[level] + (y * widths[level] + x) * a + anchor
+        return torch.cat(self.anchors)[index.to(self.anchors[0].device)]
 
     @staticmethod
     def _cells(

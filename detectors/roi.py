@@ -152,7 +152,8 @@ class RoINetworkTrace(NetworkTrace):
                     raise ValueError("units.provenance.proposal_box is missing: not RoI units")
                 self.detections = units
                 sy, sx = self.geometry.scale()
-                self.rois = box.to(self.detector.device) / box.new_tensor([sx, sy, sx, sy])
+                box = box.to(self.detector.device)
+                self.rois = box / box.new_tensor([sx, sy, sx, sy])
 
     def layer_names(self) -> list[str]:
         return [*super().layer_names(), "roi"]
