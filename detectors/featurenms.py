@@ -20,7 +20,6 @@ holds what NMS needs: the head and, when fine-tuned, the detector's weights
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,9 +29,10 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
-from torchvision.models.detection import FasterRCNN
 from torchvision.ops import box_iou
 from tqdm.auto import tqdm
+from xaibench.detectors.network import Features, NetworkDetector
+from xaibench.detectors.roi import RoINetwork
 
 from xaibench import cache
 from xaibench.detector import Detector
@@ -109,81 +109,52 @@ def pull_push_loss(
 # Features of candidates
 
 
-def _model(detector: Detector) -> nn.Module:
-    model = detector.torch_module()
-    if not hasattr(model, "transform") or not hasattr(model, "backbone"):
+def _network(detector: Detector) -> NetworkDetector:
+    if not isinstance(detector, NetworkDetector):
         raise TypeError(
-            f"the FeatureNMS embedding head needs a torchvision detection model "
-            f"(transform + backbone); {detector.name} holds {type(model).__name__}"
+            "the FeatureNMS embedding head reads the feature levels of a wrapped network "
+            f"(xaibench.detectors.network.NetworkDetector); {detector.name} is a "
+            f"{type(detector).__name__}"
         )
-    return model
+    return detector
 
 
-def _image_tensor(image: np.ndarray, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(np.array(image)).permute(2, 0, 1).to(device).float() / 255
+def backbone_features(detector: Detector, image: np.ndarray) -> tuple[Any, Features]:
+    """The detector's batch input of ``image`` and its feature levels (graph kept where grad
+    is on)."""
+    network = _network(detector)
+    inputs, _ = network.prepare([image])
+    return inputs, network.features(inputs)
 
 
-def backbone_features(
-    detector: Detector, image: np.ndarray
-) -> tuple[OrderedDict[str, torch.Tensor], list[tuple[int, int]]]:
-    """The FPN levels of ``image`` and the resized input size (graph kept where grad is on)."""
-    model = _model(detector)
-    image_list, _ = model.transform([_image_tensor(image, detector.device)])
-    features = model.backbone(image_list.tensors)
-    if isinstance(features, torch.Tensor):
-        features = OrderedDict([("0", features)])
-    return features, list(image_list.image_sizes)
-
-
-def detect_with_features(
-    detector: Detector, image: np.ndarray
-) -> tuple[Detections, OrderedDict[str, torch.Tensor], list[tuple[int, int]]]:
-    """``detect([image], nms=False)`` and the FPN levels it computed (one forward pass, read
-    by a forward hook on the model's backbone), plus the resized input size."""
-    model = _model(detector)
-    captured: list[Any] = []
-    handle = model.backbone.register_forward_hook(lambda _m, _i, out: captured.append(out))
-    try:
-        candidates = detector.detect([image], nms=False)[0]
-    finally:
-        handle.remove()
-    features = captured[-1]
-    if isinstance(features, torch.Tensor):
-        features = OrderedDict([("0", features)])
-    height, width = image.shape[:2]
-    sizes = [_resized_size(model, (height, width))]
-    return candidates, features, sizes
-
-
-def _resized_size(model: nn.Module, size: tuple[int, int]) -> tuple[int, int]:
-    """The size torchvision's transform resizes an (H, W) image to (no pixels touched)."""
-    dummy = torch.zeros(3, *size)
-    image_list, _ = model.transform([dummy])
-    return tuple(image_list.image_sizes[0])
+def detect_with_features(detector: Detector, image: np.ndarray) -> tuple[Detections, Any, Features]:
+    """``detect([image], nms=False)``, with the batch input and the feature levels it
+    computed (one forward pass)."""
+    network = _network(detector)
+    inputs, geometry = network.prepare([image])
+    features = network.features(inputs)
+    candidates = network.detect_from_features(inputs, features, geometry, nms=False)[0]
+    return candidates, inputs, features
 
 
 def candidate_inputs(
-    detector: Detector,
-    features: OrderedDict[str, torch.Tensor],
-    image_sizes: list[tuple[int, int]],
-    candidates: Detections,
-    patch: int,
+    detector: Detector, inputs: Any, features: Features, candidates: Detections, patch: int
 ) -> torch.Tensor:
-    """(N, in_features) head input of each candidate (see the module docstring)."""
-    model = _model(detector)
+    """(N, in_features) head input of each candidate (see the module docstring), from the
+    batch input and feature levels of ``backbone_features``."""
+    network = _network(detector)
     if len(candidates) == 0:
-        return torch.zeros(0, _in_features(model, features, patch), device=detector.device)
+        return torch.zeros(0, _in_features(network, features, patch), device=detector.device)
     p = candidates.provenance
-    if isinstance(model, FasterRCNN):
+    if isinstance(network, RoINetwork):
         if p.proposal_box is None:
             raise ValueError("Faster R-CNN candidates need provenance.proposal_box")
         height, width = candidates.image_size
-        rh, rw = image_sizes[0]
+        rh, rw = inputs.image_sizes[0]
         scale = p.proposal_box.new_tensor([rw / width, rh / height, rw / width, rh / height])
         boxes = (p.proposal_box * scale).to(detector.device)
-        heads = model.roi_heads
-        return heads.box_head(heads.box_roi_pool(features, [boxes], image_sizes))
-    levels = list(features.values())
+        return network.model.roi_heads.box_head(network.pool(inputs, features, [boxes]))
+    levels = [features[name] for name in network.feature_levels]
     half = patch // 2
     out = torch.zeros(len(candidates), levels[0].shape[1] * patch * patch, device=detector.device)
     for index, level in enumerate(levels):
@@ -199,9 +170,9 @@ def candidate_inputs(
     return out
 
 
-def _in_features(model: nn.Module, features: OrderedDict[str, torch.Tensor], patch: int) -> int:
-    if isinstance(model, FasterRCNN):
-        return int(model.roi_heads.box_predictor.cls_score.in_features)
+def _in_features(network: NetworkDetector, features: Features, patch: int) -> int:
+    if isinstance(network, RoINetwork):
+        return int(network.model.roi_heads.box_predictor.cls_score.in_features)
     return int(next(iter(features.values())).shape[1]) * patch * patch
 
 
@@ -215,9 +186,10 @@ def embed(
     """Candidates of ``image`` (``detect(nms=False)``) and their embeddings (N, dim), one
     forward pass of the detector."""
     with torch.no_grad():
-        candidates, features, sizes = detect_with_features(detector, image)
-        inputs = candidate_inputs(detector, features, sizes, candidates, head.patch)
-        return candidates, head(inputs)
+        candidates, inputs, features = detect_with_features(detector, image)
+        return candidates, head(
+            candidate_inputs(detector, inputs, features, candidates, head.patch)
+        )
 
 
 def embedding_path(detector: Detector, cache_dir: str | Path | None = None) -> Path:
@@ -292,13 +264,13 @@ def train_embedding(
     Returns the head (eval mode) and a summary (seconds, final loss, steps)."""
     config = config or EmbeddingConfig()
     torch.manual_seed(config.seed)
-    model = _model(detector)
+    network = _network(detector)
+    model = network.torch_module()
     rng = np.random.default_rng(config.seed)
-    first = dataset[0]
     with torch.no_grad():
-        features, _ = backbone_features(detector, first.image)
+        _, features = backbone_features(detector, dataset[0].image)
     head = EmbeddingHead(
-        _in_features(model, features, config.patch), config.dim, config.hidden, config.patch
+        _in_features(network, features, config.patch), config.dim, config.hidden, config.patch
     ).to(detector.device)
     groups = [{"params": head.parameters(), "lr": config.lr}]
     for p in model.parameters():
@@ -338,12 +310,12 @@ def _image_loss(
     if config.fine_tune:
         candidates = detector.detect([sample.image], nms=False)[0]
         candidates = _top(candidates, config)
-        features, sizes = backbone_features(detector, sample.image)
+        batch_input, features = backbone_features(detector, sample.image)
     else:
         with torch.no_grad():
-            candidates, features, sizes = detect_with_features(detector, sample.image)
+            candidates, batch_input, features = detect_with_features(detector, sample.image)
             candidates = _top(candidates, config)
-    inputs = candidate_inputs(detector, features, sizes, candidates, config.patch)
+    inputs = candidate_inputs(detector, batch_input, features, candidates, config.patch)
     groups = assign_to_gt(candidates, sample, config.assign_iou).to(inputs.device)
     return pull_push_loss(head(inputs), groups, config.pull_margin, config.push_margin)
 

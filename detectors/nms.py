@@ -425,8 +425,8 @@ class FeatureNMS(NMSStrategy):
             raise ValueError("featurenms needs the detector and the image for the embeddings")
         head = self.head(detector)
         with torch.no_grad():
-            features, sizes = backbone_features(detector, image)
-            embeddings = head(candidate_inputs(detector, features, sizes, candidates, head.patch))
+            inputs, features = backbone_features(detector, image)
+            embeddings = head(candidate_inputs(detector, inputs, features, candidates, head.patch))
         return self.keep_from(candidates, embeddings)
 
     def keep_from(
