@@ -28,7 +28,7 @@ so their gradients and maps are zero.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,14 +36,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from xaibench.detectors.network import Features, NetworkDetector, NetworkTrace
 
-from xaibench.detector import Detector, FeatureWindows, GradientMode, WhiteBoxTrace
-from xaibench.feature_masks import check_masks, masks_to_layer
 from xaibench.geometry import InputGeometry
 from xaibench.images import to_rgb_float
 from xaibench.registry import DETECTORS
-from xaibench.targets import UnitOutputs, target_values
-from xaibench.types import Detections, Provenance, Target
+from xaibench.types import Detections, Provenance
 
 LEVEL = "p1"
 
@@ -90,14 +88,11 @@ class EvidenceNet(nn.Module):
         weights = self.readout((p1.shape[-2], p1.shape[-1]))
         return self.gain * torch.einsum("bchw,nchw->bn", p1, weights) + self.bias
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """images (B, 3, H_pad, W_pad) in [0, 1] -> (p1, logits (B, N))."""
-        p1 = self.p1(images)
-        return p1, self.head(p1)
 
-
-class EvidenceDetector(Detector):
-    """The hand-built detector (see the module docstring for the exact score formula)."""
+class EvidenceDetector(NetworkDetector):
+    """The hand-built detector (see the module docstring for the exact score formula), on the
+    framework adapter of ``detectors/network.py``: its network input is the image in [0, 1]
+    zero-padded to the stride, its one feature level ``p1``, its head the read-out."""
 
     def __init__(
         self,
@@ -122,21 +117,46 @@ class EvidenceDetector(Detector):
         self.name = name
         self.device = torch.device(device)
         self.feature_levels = [LEVEL]
-        self.net = EvidenceNet(self.objects, stride).to(self.device).eval()
+        self.model = EvidenceNet(self.objects, stride).to(self.device).eval()
 
-    # geometry -------------------------------------------------------------------------
-    def geometry(self, image_size: tuple[int, int]) -> InputGeometry:
-        """No resizing; padded at the bottom and right to a multiple of the stride."""
+    @property
+    def net(self) -> EvidenceNet:
+        """The network (``model``): its parameters are the objects' gains and biases."""
+        return self.model
+
+    # adapter ------------------------------------------------------------------------
+    def prepare(self, images: Sequence[np.ndarray]) -> tuple[torch.Tensor, list[InputGeometry]]:
+        """No resizing; each image zero-padded at the bottom and right to a multiple of the
+        stride, and to the batch's largest (regions are fixed cells from the top left)."""
+        tensors = [_tensor(image, f"images[{i}]") for i, image in enumerate(images)]
+        for t in tensors:
+            self._check_fits((int(t.shape[-2]), int(t.shape[-1])))
         s = self.stride
-        padded = (math.ceil(image_size[0] / s) * s, math.ceil(image_size[1] / s) * s)
-        return InputGeometry(image_size, image_size, padded)
+        padded = tuple(math.ceil(max(int(t.shape[d]) for t in tensors) / s) * s for d in (-2, -1))
+        batch = torch.stack([_pad_to(t, padded) for t in tensors]).to(self.device)
+        sizes = [(int(t.shape[-2]), int(t.shape[-1])) for t in tensors]
+        return batch, [InputGeometry(size, size, padded) for size in sizes]
 
-    def to_input(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [0, 1] -> zero-padded network input (B, 3, H_pad, W_pad)."""
-        height, width = int(images.shape[-2]), int(images.shape[-1])
-        self._check_fits((height, width))
-        hp, wp = self.geometry((height, width)).padded
-        return F.pad(images, (0, wp - width, 0, hp - height))
+    def prepare_differentiable(self, images: torch.Tensor, geometry: InputGeometry) -> torch.Tensor:
+        return _pad_to(images, geometry.padded)
+
+    def repeat_input(self, inputs: torch.Tensor, copies: int) -> torch.Tensor:
+        return inputs.expand(copies, -1, -1, -1)
+
+    def features(self, inputs: torch.Tensor) -> Features:
+        return {LEVEL: self.model.p1(inputs)}
+
+    def detect_from_features(
+        self, inputs: Any, features: Features, geometry: list[InputGeometry], nms: bool = True
+    ) -> list[Detections]:
+        """Every object with its current score; ``nms`` changes nothing (the objects are
+        fixed, none is suppressed)."""
+        logits = self.model.head(features[LEVEL])
+        scores = torch.sigmoid(logits)
+        return [self.detections(r, g.original) for r, g in zip(scores, geometry, strict=True)]
+
+    def trace(self, image: np.ndarray) -> EvidenceTrace:
+        return EvidenceTrace(self, image)
 
     def _check_fits(self, image_size: tuple[int, int]) -> None:
         height, width = image_size
@@ -146,10 +166,6 @@ class EvidenceDetector(Detector):
                     f"object {k}: evidence region {o.region} (xyxy px) does not fit in an image "
                     f"of {height} x {width} px"
                 )
-
-    def _tensor(self, image: np.ndarray, name: str) -> torch.Tensor:
-        # to_rgb_float: uint8 and other images / 255, float images in [0, 1] unrounded
-        return torch.from_numpy(to_rgb_float(image, name=name)).permute(2, 0, 1)
 
     # outputs --------------------------------------------------------------------------
     def detections(self, scores: torch.Tensor, image_size: tuple[int, int]) -> Detections:
@@ -186,161 +202,48 @@ class EvidenceDetector(Detector):
         """The fixed predicted boxes (N, 4), xyxy original pixels."""
         return torch.tensor([o.box for o in self.objects], dtype=torch.float32)
 
-    @torch.no_grad()
-    def detect(
-        self, images: Sequence[np.ndarray], batch_size: int = 8, nms: bool = True
-    ) -> list[Detections]:
-        """Every object of every image with its current score; ``nms`` changes nothing (the
-        objects are fixed, none is suppressed)."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        out: list[Detections] = []
-        for start in range(0, len(images), batch_size):
-            chunk = [
-                self._tensor(im, f"images[{start + i}]")
-                for i, im in enumerate(images[start : start + batch_size])
-            ]
-            # same-size images run as one batch; others one at a time
-            sizes = {tuple(t.shape[-2:]) for t in chunk}
-            groups = [torch.stack(chunk)] if len(sizes) == 1 else [t[None] for t in chunk]
-            for batch in groups:
-                size = (int(batch.shape[-2]), int(batch.shape[-1]))
-                _, logits = self.net(self.to_input(batch.to(self.device)))
-                out.extend(self.detections(torch.sigmoid(row), size) for row in logits)
-        return out
 
-    def trace(self, image: np.ndarray) -> EvidenceTrace:
-        return EvidenceTrace(self, image)
-
-    def torch_module(self) -> nn.Module:
-        """``EvidenceNet``: its parameters are the objects' gains and biases."""
-        return self.net
-
-
-class EvidenceTrace(WhiteBoxTrace):
+class EvidenceTrace(NetworkTrace):
     """One image through the evidence detector. Layers: ``fpn`` and ``p1`` (the same layer)
     and any module of ``EvidenceNet`` as ``module:<name>`` (``module:p1``). Gradients are
     exact autograd in both modes, each window being the whole layer."""
 
+    detector: EvidenceDetector
+
     def __init__(self, detector: EvidenceDetector, image: np.ndarray) -> None:
-        self.detector = detector
-        pixels = detector._tensor(image, "image")
-        self.image_size = (int(pixels.shape[-2]), int(pixels.shape[-1]))
-        self.geometry = detector.geometry(self.image_size)
-        self.input = detector.to_input(pixels[None].to(detector.device))
+        super().__init__(detector, image)
+        self.p1 = self.features[LEVEL]
         with torch.no_grad():
-            self.p1, logits = detector.net(self.input)
-        self.detections = detector.detections(torch.sigmoid(logits[0]), self.image_size)
-
-    def layer_names(self) -> list[str]:
-        return ["fpn", LEVEL, *(f"module:{n}" for n, _ in self.detector.net.named_children())]
-
-    def _layer(self, layer: str, image: torch.Tensor) -> tuple[str, torch.Tensor, torch.Tensor]:
-        """(name, layer activation (1, C, h, w) in the graph, logits (1, N)) for the network
-        input ``image`` (1, 3, H_pad, W_pad)."""
-        if layer in ("fpn", LEVEL):
-            p1, logits = self.detector.net(image)
-            return LEVEL, p1, logits
-        if not layer.startswith("module:"):
-            raise KeyError(f"unknown layer {layer!r}; known: {', '.join(self.layer_names())}")
-        path = layer.removeprefix("module:")
-        try:
-            module = self.detector.net.get_submodule(path)
-        except AttributeError as err:
-            raise KeyError(f"layer {layer!r}: EvidenceNet has no module {path!r}") from err
-        captured: list[torch.Tensor] = []
-        handle = module.register_forward_hook(lambda _m, _i, out: captured.append(out))
-        try:
-            _, logits = self.detector.net(image)
-        finally:
-            handle.remove()
-        a = captured[0]
-        if not isinstance(a, torch.Tensor) or a.dim() != 4:
-            raise ValueError(f"layer {layer!r} does not output a (1, C, h, w) tensor")
-        return layer, a, logits
-
-    def _values(self, logits: torch.Tensor, targets: Sequence[Target]) -> torch.Tensor:
-        """Target values (T,) from logits (1, N) (``xaibench.targets``)."""
-        index = torch.tensor([t.index for t in targets], dtype=torch.long)
-        scores = torch.sigmoid(logits[0])[index.to(logits.device)]
-        labels = torch.tensor([self.detector.objects[i].label for i in index.tolist()])
-        boxes = self.detector.boxes().to(scores)[index.to(scores.device)]
-        probs = self.detector.class_probs(scores, labels)
-        return target_values(targets, UnitOutputs(scores, boxes, probs))
-
-    def gradients(
-        self,
-        targets: Sequence[Target],
-        layer: str = "fpn",
-        mode: GradientMode = "fast",
-        margin: int | Callable[[torch.Tensor], int] = 0,
-    ) -> list[FeatureWindows]:
-        """Exact gradients on the whole layer for both modes; ``margin`` is not needed (the
-        window is the whole layer, zero-padded by nothing)."""
-        self._check(targets, mode)
-        if not targets:
-            return []
-        with torch.enable_grad():
-            # the input requires grad only so that the graph reaches the layer
-            name, a, logits = self._layer(layer, self.input.detach().requires_grad_(True))
-            values = self._values(logits, targets)
-            grads = [
-                torch.autograd.grad(values[i], a, retain_graph=True, allow_unused=True)[0]
-                for i in range(len(targets))
-            ]
-        grads = [torch.zeros_like(a) if g is None else g for g in grads]
-        act = a.detach()[0]
-        layer_size = (int(act.shape[-2]), int(act.shape[-1]))
-        det = torch.tensor([t.index for t in targets], dtype=torch.long)
-        return [
-            FeatureWindows(
-                layer=name,
-                target_index=torch.arange(len(targets)),
-                activations=act[None].expand(len(targets), -1, -1, -1),
-                gradients=torch.cat(grads).detach(),
-                origin=torch.zeros(len(targets), 2, dtype=torch.long),
-                layer_size=layer_size,
-                boxes_on_layer=self.geometry.boxes_to_layer(self.detections.boxes[det], layer_size),
-                layer_activations=act,
+            (self.detections,) = detector.detect_from_features(
+                self.image_list, self.features, [self.geometry]
             )
-        ]
 
-    def to_image(self, windows: FeatureWindows, maps: torch.Tensor) -> torch.Tensor:
-        return self.geometry.windows_to_original(maps, windows.origin, windows.layer_size)
+    def _values(self, features, targets, batch=None):
+        index = torch.tensor([t.index for t in targets], dtype=torch.long)
+        rows = torch.tensor(batch if batch is not None else [0] * len(targets))
+        logits = self.detector.model.head(features[LEVEL])
+        scores = torch.sigmoid(logits[rows, index])
+        labels = torch.tensor([self.detector.objects[i].label for i in index.tolist()])
+        boxes = self.detector.boxes().to(scores)[index]
+        probs = self.detector.class_probs(scores, labels)
+        return self._unit_targets(targets, scores, boxes, probs)
 
-    def target_values(self, targets: Sequence[Target]) -> torch.Tensor:
-        self._check(targets)
-        with torch.no_grad():
-            _, logits = self.detector.net(self.input)
-            return self._values(logits, targets)
-
-    @torch.no_grad()
     def detect_with_feature_masks(
         self, masks: torch.Tensor, layer: str = "fpn", batch_size: int = 8
     ) -> list[Detections]:
-        if layer not in ("fpn", LEVEL):
+        if not self._is_level(layer):
             raise KeyError(f"feature masks apply to 'fpn' or {LEVEL!r}; got layer {layer!r}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        masks = check_masks(masks).to(self.p1.device)
-        out: list[Detections] = []
-        for start in range(0, masks.shape[0], batch_size):
-            on_layer = masks_to_layer(
-                masks[start : start + batch_size], self.geometry, tuple(self.p1.shape[-2:])
-            )
-            logits = self.detector.net.head(self.p1 * on_layer[:, None])
-            out.extend(self.detector.detections(torch.sigmoid(r), self.image_size) for r in logits)
-        return out
+        return super().detect_with_feature_masks(masks, layer, batch_size)
 
-    def provenance_outputs(
-        self, images: torch.Tensor, indices: Sequence[int]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        indices = self._check_unit_images(images, indices)
-        _, logits = self.detector.net(self.detector.to_input(images))
-        rows = torch.arange(len(indices))
-        idx = torch.as_tensor(list(indices), dtype=torch.long)
-        boxes = self.detector.boxes().to(images)[idx]
-        return torch.sigmoid(logits[rows, idx]), boxes
+
+def _tensor(image: np.ndarray, name: str) -> torch.Tensor:
+    """(3, H, W) float in [0, 1]: uint8 and other images / 255, float images unrounded."""
+    return torch.from_numpy(to_rgb_float(image, name=name)).permute(2, 0, 1)
+
+
+def _pad_to(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``images`` (..., H, W) zero-padded at the bottom and right to ``size`` (H_pad, W_pad)."""
+    return F.pad(images, (0, size[1] - images.shape[-1], 0, size[0] - images.shape[-2]))
 
 
 def _check_object(k: int, o: EvidenceObject, stride: int, num_classes: int) -> None:

@@ -34,9 +34,9 @@ class NetworkDetector(Detector):
     """A wrapped torch detector: the framework adapter. ``detect`` and the traces are written
     once on these methods; a framework implements them once for all its architectures."""
 
-    stage_module: str
+    stage_module: str | None = None
     """Dotted path of the module whose children are the backbone stages (``backbone.<name>``
-    layers), e.g. ``"backbone.body"``."""
+    layers), e.g. ``"backbone.body"``; None: no stage layers."""
 
     @abstractmethod
     def prepare(self, images: Sequence[np.ndarray]) -> tuple[Any, list[InputGeometry]]:
@@ -110,12 +110,10 @@ class NetworkTrace(WhiteBoxTrace):
         raise NotImplementedError(f"{type(self).__name__} has no fast path on {layer!r}")
 
     # names -----------------------------------------------------------------------
-    def _stages(self) -> nn.Module:
-        return self.detector.model.get_submodule(self.detector.stage_module)
-
     def layer_names(self) -> list[str]:
-        stages = [f"backbone.{n}" for n, _ in self._stages().named_children()]
-        return ["fpn", *self.detector.feature_levels, *stages]
+        path = self.detector.stage_module
+        stages = [] if path is None else self.detector.model.get_submodule(path).named_children()
+        return ["fpn", *self.detector.feature_levels, *(f"backbone.{n}" for n, _ in stages)]
 
     def _is_level(self, layer: str) -> bool:
         return layer == "fpn" or layer in self.detector.feature_levels
@@ -125,7 +123,7 @@ class NetworkTrace(WhiteBoxTrace):
         ``KeyError`` listing the known layers otherwise."""
         if layer.startswith("module:"):
             path = layer.removeprefix("module:")
-        elif layer.startswith("backbone."):
+        elif layer.startswith("backbone.") and self.detector.stage_module is not None:
             path = f"{self.detector.stage_module}.{layer.removeprefix('backbone.')}"
         else:
             raise KeyError(
