@@ -23,7 +23,7 @@ from xaibench.detectors.network import Features, NetworkDetector, NetworkTrace
 
 from xaibench.detector import FeatureWindows
 from xaibench.geometry import InputGeometry
-from xaibench.types import Detections, Target
+from xaibench.types import Detections, Provenance, Target
 
 RawOutputs = list[dict[str, torch.Tensor]]
 """Per level, the head's raw output maps {name: (N, A * C_out, h, w)}."""
@@ -106,8 +106,39 @@ class DenseNetwork(NetworkDetector):
     def trace(self, image: np.ndarray) -> DenseNetworkTrace:
         return DenseNetworkTrace(self, image)
 
+    def level_units(self, level: int, anchor_idxs: torch.Tensor, width: int) -> torch.Tensor:
+        """Provenance (n, 4: level, y, x, anchor) of flat indices into one level's anchors,
+        laid out (cell row, cell col, anchor) on a level ``width`` cells wide."""
+        a = self.num_anchors
+        cell = torch.div(anchor_idxs, a, rounding_mode="floor")
+        row = torch.div(cell, width, rounding_mode="floor")
+        return torch.stack((torch.full_like(cell, level), row, cell % width, anchor_idxs % a), 1)
+
     def trace_candidates(self, image: np.ndarray) -> DenseNetworkTrace:
         return DenseNetworkTrace(self, image, nms=False)
+
+
+def dense_detections(
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    labels: torch.Tensor,
+    class_probs: torch.Tensor,
+    units: torch.Tensor,
+    image_size: tuple[int, int],
+    objectness: torch.Tensor | None = None,
+) -> Detections:
+    """Detections (``boxes`` original pixels) of the units ``units`` (N, 4: level, y, x,
+    anchor; ``DenseNetwork.level_units``), each of its label's class channel."""
+    level, y, x, anchor = units.unbind(1)
+    return Detections(
+        boxes=boxes,
+        scores=scores,
+        labels=labels,
+        class_probs=class_probs,
+        objectness=objectness,
+        provenance=Provenance(level=level, y=y, x=x, anchor=anchor, class_index=labels),
+        image_size=image_size,
+    )
 
 
 class DenseNetworkTrace(NetworkTrace):

@@ -29,14 +29,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from xaibench.detectors.dense import DenseNetwork, RawOutputs
+from xaibench.detectors.dense import DenseNetwork, RawOutputs, dense_detections
 from xaibench.detectors.local_head import GN_TOLERANCE, Branch, LocalConvHead, flatten_tower
-from xaibench.detectors.network import Features, NetworkDetector
+from xaibench.detectors.network import Features, NetworkDetector, suppress
 from xaibench.detectors.roi import Proposals, RoIAlignSettings, RoINetwork
 
 from xaibench.geometry import InputGeometry
 from xaibench.images import to_rgb_float, to_rgb_uint8
-from xaibench.types import Detections, Provenance
 
 INSTALL_HINT = (
     "detectron2 is not installed in this environment; install it with "
@@ -49,7 +48,7 @@ try:
         from detectron2.config import CfgNode
         from detectron2.data import transforms as d2_transforms
         from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
-        from detectron2.layers import FrozenBatchNorm2d, ROIAlign, batched_nms
+        from detectron2.layers import FrozenBatchNorm2d, ROIAlign
         from detectron2.modeling import GeneralizedRCNN, RetinaNet, build_model
         from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
         from detectron2.modeling.poolers import assign_boxes_to_levels
@@ -189,11 +188,6 @@ class Detectron2Detector(NetworkDetector):
         return detector_postprocess(result, *geometry.original)
 
 
-def _cells(centres: torch.Tensor, stride: torch.Tensor) -> torch.Tensor:
-    """(N, 2) xy points in resized pixels -> (N, 2) integer cells (x, y) at ``stride`` (N,)."""
-    return torch.div(centres, stride[:, None], rounding_mode="floor").long()
-
-
 class Detectron2RCNN(Detectron2Detector, RoINetwork):
     """Faster R-CNN (``GeneralizedRCNN`` with standard RoI heads). Provenance: the proposal
     (index and box), its pooled FPN level, the cell of its centre there, and the class;
@@ -269,15 +263,7 @@ class Detectron2RCNN(Detectron2Detector, RoINetwork):
             for name, p in zip(self.box_in_features, poolers, strict=True)
         }
 
-    def postprocess(
-        self,
-        logits: torch.Tensor,
-        deltas: torch.Tensor,
-        proposals: Proposals,
-        geometry: InputGeometry,
-        features: Features,
-        nms: bool = True,
-    ) -> Detections:
+    def postprocess(self, logits, deltas, proposals, geometry, features, nms=True):
         """``FastRCNNOutputLayers.inference`` and ``detector_postprocess`` for one image,
         keeping the proposal index of each detection (``nms=False``: all candidates above the
         score threshold, by descending score)."""
@@ -297,29 +283,16 @@ class Detectron2RCNN(Detectron2Detector, RoINetwork):
         result.proposal = valid[kept]  # kept indexes the finite rows
         result = self._finish(result, geometry)
         proposal = result.proposal
-        level = self.roi_levels(rois[proposal])
-        strides = [float(self.strides[name]) for name in self.feature_levels]
-        stride = torch.tensor(strides, device=rois.device)[level]
-        cells = _cells((rois[proposal, :2] + rois[proposal, 2:]) / 2, stride)
-        labels = result.pred_classes + 1
         p = probs[proposal]
-        return Detections(
-            boxes=result.pred_boxes.tensor,
-            scores=result.scores,
-            labels=labels,
-            class_probs=torch.cat((p[:, -1:], p[:, :-1]), 1),
-            objectness=proposals.objectness[proposal],
-            provenance=Provenance(
-                level=level,
-                y=cells[:, 1],
-                x=cells[:, 0],
-                anchor=torch.zeros_like(labels),
-                class_index=labels,
-                proposal=proposal,
-                proposal_box=geometry.boxes_to_original(rois[proposal]),
-            ),
-            image_size=geometry.original,
-        )
+        detections = {
+            "boxes": result.pred_boxes.tensor,
+            "scores": result.scores,
+            "labels": result.pred_classes + 1,
+            "class_probs": torch.cat((p[:, -1:], p[:, :-1]), 1),
+            "objectness": proposals.objectness[proposal],
+        }
+        strides = [float(self.strides[name]) for name in self.feature_levels]
+        return self.roi_detections(detections, proposal, rois[proposal], strides, geometry)
 
 
 class Detectron2RetinaNet(Detectron2Detector, DenseNetwork):
@@ -373,14 +346,7 @@ class Detectron2RetinaNet(Detectron2Detector, DenseNetwork):
         boxes = self.model.box2box_transform.apply_deltas(deltas, anchor_boxes)
         return probs[rows, class_index - 1], boxes, F.pad(probs, (1, 0))  # no background
 
-    def postprocess(
-        self,
-        raw: RawOutputs,
-        anchors: list[torch.Tensor],
-        geometry: InputGeometry,
-        index: int,
-        nms: bool = True,
-    ) -> Detections:
+    def postprocess(self, raw, anchors, geometry, index, nms=True):
         """RetinaNet's ``inference_single_image`` (per-level threshold and top-k, decoding,
         class-wise NMS) and ``detector_postprocess`` for image ``index``, keeping level,
         anchor and class of each detection."""
@@ -389,8 +355,7 @@ class Detectron2RetinaNet(Detectron2Detector, DenseNetwork):
         scores = [permute_to_N_HWA_K(r["cls_score"], m.num_classes)[0].sigmoid() for r in one]
         deltas = [permute_to_N_HWA_K(r["bbox_pred"], 4)[0] for r in one]
         widths = [int(r["cls_score"].shape[-1]) for r in one]
-        a = self.num_anchors
-        boxes, kept_scores, classes, probs, prov = [], [], [], [], []
+        boxes, kept_scores, classes, probs, units = [], [], [], [], []
         for level, (class_scores, level_deltas, width, level_anchors) in enumerate(
             zip(scores, deltas, widths, anchors, strict=True)
         ):
@@ -409,43 +374,27 @@ class Detectron2RetinaNet(Detectron2Detector, DenseNetwork):
             kept_scores.append(level_scores)
             classes.append(class_idxs)
             probs.append(class_scores[anchor_idxs])
-            cell = torch.div(anchor_idxs, a, rounding_mode="floor")
-            prov.append(
-                torch.stack(
-                    (
-                        torch.full_like(anchor_idxs, level),
-                        torch.div(cell, width, rounding_mode="floor"),
-                        cell % width,
-                        anchor_idxs % a,
-                    ),
-                    1,
-                )
-            )
+            units.append(self.level_units(level, anchor_idxs, width))
         all_boxes, all_scores = torch.cat(boxes), torch.cat(kept_scores)
         all_classes = torch.cat(classes)
-        if nms:
-            keep = batched_nms(all_boxes, all_scores, all_classes, m.test_nms_thresh)
-            keep = keep[: m.max_detections_per_image]
-        else:
-            keep = torch.arange(len(all_scores), device=all_scores.device)
+        limit = m.max_detections_per_image
+        keep = suppress(all_boxes, all_scores, all_classes, m.test_nms_thresh, limit, nms)
         result = Instances(
             geometry.resized,
             pred_boxes=Boxes(all_boxes[keep]),
             scores=all_scores[keep],
             pred_classes=all_classes[keep],
             probs=torch.cat(probs)[keep],
-            provenance=torch.cat(prov)[keep],
+            units=torch.cat(units)[keep],
         )
         result = self._finish(result, geometry)
-        labels = result.pred_classes + 1
-        level, y, x, anchor = result.provenance.unbind(1)
-        return Detections(
-            boxes=result.pred_boxes.tensor,
-            scores=result.scores,
-            labels=labels,
-            class_probs=F.pad(result.probs, (1, 0)),
-            provenance=Provenance(level=level, y=y, x=x, anchor=anchor, class_index=labels),
-            image_size=geometry.original,
+        return dense_detections(
+            result.pred_boxes.tensor,
+            result.scores,
+            result.pred_classes + 1,
+            F.pad(result.probs, (1, 0)),
+            result.units,
+            geometry.original,
         )
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torchvision.ops import batched_nms
 
 from xaibench.detector import Detector, FeatureWindows, GradientMode, WhiteBoxTrace
 from xaibench.feature_masks import check_masks, masks_to_layer
@@ -348,6 +349,21 @@ class NetworkTrace(WhiteBoxTrace):
         batch = list(range(len(indices))) * len(ATTRIBUTES)
         values = self._values(features, targets, batch=batch).view(len(ATTRIBUTES), len(indices))
         return values[0], values[1:].T * values.new_tensor([-1.0, -1.0, 1.0, 1.0])
+
+
+def suppress(
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    labels: torch.Tensor,
+    iou: float,
+    limit: int,
+    nms: bool,
+) -> torch.Tensor:
+    """Indices of the candidates kept: class-wise NMS at ``iou``, the ``limit`` best; all of
+    them, in order, without ``nms``."""
+    if not nms:
+        return torch.arange(len(scores), device=scores.device)
+    return batched_nms(boxes.float(), scores, labels, iou)[:limit]
 
 
 def _masked(level: torch.Tensor, masks: torch.Tensor, geometry: InputGeometry) -> torch.Tensor:

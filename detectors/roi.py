@@ -26,7 +26,7 @@ from xaibench.detectors.windows import roi_align_backward, roi_spans, size_group
 
 from xaibench.detector import FeatureWindows
 from xaibench.geometry import InputGeometry
-from xaibench.types import Detections, Target
+from xaibench.types import Detections, Provenance, Target
 
 
 @dataclass
@@ -113,6 +113,35 @@ class RoINetwork(NetworkDetector):
 
     def trace(self, image: np.ndarray) -> RoINetworkTrace:
         return RoINetworkTrace(self, image)
+
+    def roi_detections(
+        self,
+        detections: dict[str, torch.Tensor],
+        proposal: torch.Tensor,
+        rois: torch.Tensor,
+        strides: Sequence[float],
+        geometry: InputGeometry,
+    ) -> Detections:
+        """Detections from ``detections`` (``boxes`` in original pixels, ``scores``,
+        ``labels``, which are also the class index, ``class_probs``, ``objectness``) with the
+        provenance of their RoIs ``rois`` (N, 4, resized pixels; ``proposal`` (N,) their
+        indices): the pooled level, and the cell of the RoI centre at that level's stride
+        (``strides``: resized pixels per cell, per level)."""
+        level = self.roi_levels(rois)
+        stride = torch.tensor(strides, device=rois.device)[level]
+        centre = (rois[:, :2] + rois[:, 2:]) / 2
+        cells = torch.div(centre, stride[:, None], rounding_mode="floor").long()
+        labels = detections["labels"]
+        provenance = Provenance(
+            level=level,
+            y=cells[:, 1],
+            x=cells[:, 0],
+            anchor=torch.zeros_like(labels),
+            class_index=labels,
+            proposal=proposal,
+            proposal_box=geometry.boxes_to_original(rois),
+        )
+        return Detections(**detections, provenance=provenance, image_size=geometry.original)
 
     def trace_candidates(self, image: np.ndarray) -> RoINetworkTrace:
         return RoINetworkTrace(self, image, nms=False)

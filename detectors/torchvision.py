@@ -23,9 +23,9 @@ from torchvision.models import detection as tvd
 from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import boxes as box_ops
-from xaibench.detectors.dense import DenseNetwork, RawOutputs
+from xaibench.detectors.dense import DenseNetwork, dense_detections
 from xaibench.detectors.local_head import GN_TOLERANCE, Branch, LocalConvHead, flatten_tower
-from xaibench.detectors.network import Features, NetworkDetector
+from xaibench.detectors.network import Features, NetworkDetector, suppress
 from xaibench.detectors.roi import Proposals, RoIAlignSettings, RoINetwork
 from xaibench.detectors.training import check_finite
 from xaibench.detectors.weights import pretrained, warn_random
@@ -33,7 +33,6 @@ from xaibench.detectors.weights import pretrained, warn_random
 from xaibench.geometry import InputGeometry
 from xaibench.images import to_rgb_float, to_rgb_uint8
 from xaibench.registry import DETECTORS
-from xaibench.types import Detections, Provenance
 
 COCO_CLASS_NAMES: list[str] = [
     str(name) for name in tvd.FasterRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"]
@@ -222,18 +221,10 @@ class OneStageDetector(TorchvisionDetector, DenseNetwork):
         probs = self._scores(flat)  # (T, K), column 0 the background
         return probs[rows, class_index], self._decode(flat["bbox_reg"], anchor_boxes), probs
 
-    def postprocess(
-        self,
-        raw: RawOutputs,
-        anchors: list[torch.Tensor],
-        geometry: InputGeometry,
-        index: int,
-        nms: bool = True,
-    ) -> Detections:
+    def postprocess(self, raw, anchors, geometry, index, nms=True):
         """torchvision's ``postprocess_detections`` for one image, keeping the indices."""
         m = self.model
-        image_shape = geometry.resized
-        boxes, scores, labels, probs, objness, prov = [], [], [], [], [], []
+        boxes, scores, labels, probs, objness, units = [], [], [], [], [], []
         for level, (level_raw, level_anchors) in enumerate(zip(raw, anchors, strict=True)):
             flat = {k: v[index] for k, v in self._split_raw(level_raw).items()}
             class_scores = self._scores(flat)  # (h*w*A, K)
@@ -246,45 +237,25 @@ class OneStageDetector(TorchvisionDetector, DenseNetwork):
             scores_per_level, idxs = scores_per_level.topk(num_topk)
             topk_idxs = topk_idxs[idxs]
             anchor_idxs = torch.div(topk_idxs, num_classes, rounding_mode="floor")
-            labels_per_level = topk_idxs % num_classes
-            boxes_per_level = self._decode(
-                flat["bbox_reg"][anchor_idxs], level_anchors[anchor_idxs]
-            )
-            boxes_per_level = box_ops.clip_boxes_to_image(boxes_per_level, image_shape)
-            w = level_raw["cls_logits"].shape[-1]
-            cell = torch.div(anchor_idxs, self.num_anchors, rounding_mode="floor")
-            boxes.append(boxes_per_level)
+            level_boxes = self._decode(flat["bbox_reg"][anchor_idxs], level_anchors[anchor_idxs])
+            boxes.append(box_ops.clip_boxes_to_image(level_boxes, geometry.resized))
             scores.append(scores_per_level)
-            labels.append(labels_per_level)
+            labels.append(topk_idxs % num_classes)
             probs.append(class_scores[anchor_idxs])
             if self.is_fcos:
                 objness.append(torch.sigmoid(flat["bbox_ctrness"][anchor_idxs, 0]))
-            prov.append(
-                (
-                    torch.full_like(anchor_idxs, level),
-                    torch.div(cell, w, rounding_mode="floor"),
-                    cell % w,
-                    anchor_idxs % self.num_anchors,
-                    labels_per_level,
-                )
-            )
-        image_boxes = torch.cat(boxes)
-        image_scores = torch.cat(scores)
-        image_labels = torch.cat(labels)
-        if nms:
-            keep = box_ops.batched_nms(image_boxes, image_scores, image_labels, m.nms_thresh)
-            keep = keep[: m.detections_per_img]
-        else:
-            keep = torch.arange(len(image_scores), device=image_scores.device)
-        level, y, x, anchor, cls = (torch.cat(p)[keep] for p in zip(*prov, strict=True))
-        return Detections(
-            boxes=geometry.boxes_to_original(image_boxes[keep]),
-            scores=image_scores[keep],
-            labels=image_labels[keep],
-            class_probs=torch.cat(probs)[keep],
-            objectness=torch.cat(objness)[keep] if objness else None,
-            provenance=Provenance(level=level, y=y, x=x, anchor=anchor, class_index=cls),
-            image_size=geometry.original,
+            width = level_raw["cls_logits"].shape[-1]
+            units.append(self.level_units(level, anchor_idxs, width))
+        boxes, scores, labels = torch.cat(boxes), torch.cat(scores), torch.cat(labels)
+        keep = suppress(boxes, scores, labels, m.nms_thresh, m.detections_per_img, nms)
+        return dense_detections(
+            geometry.boxes_to_original(boxes[keep]),
+            scores[keep],
+            labels[keep],
+            torch.cat(probs)[keep],
+            torch.cat(units)[keep],
+            geometry.original,
+            torch.cat(objness)[keep] if objness else None,
         )
 
 
@@ -348,15 +319,7 @@ class FasterRCNNDetector(TorchvisionDetector, RoINetwork):
             for key, scale in zip(self._pooled_keys(), pool.scales, strict=True)
         }
 
-    def postprocess(
-        self,
-        logits: torch.Tensor,
-        deltas: torch.Tensor,
-        proposals: Proposals,
-        geometry: InputGeometry,
-        features: Features,
-        nms: bool = True,
-    ) -> Detections:
+    def postprocess(self, logits, deltas, proposals, geometry, features, nms=True):
         """torchvision's ``RoIHeads.postprocess_detections`` for one image, keeping indices."""
         heads = self.model.roi_heads
         objectness, proposals = proposals.objectness, proposals.boxes
@@ -369,41 +332,20 @@ class FasterRCNNDetector(TorchvisionDetector, RoINetwork):
         boxes, scores = boxes[:, 1:].reshape(-1, 4), probs[:, 1:].reshape(-1)
         labels, proposal_idx = labels[:, 1:].reshape(-1), proposal_idx[:, 1:].reshape(-1)
         inds = torch.where(scores > heads.score_thresh)[0]
-        keep = box_ops.remove_small_boxes(boxes[inds], min_size=1e-2)
-        inds = inds[keep]
-        if nms:
-            keep = box_ops.batched_nms(boxes[inds], scores[inds], labels[inds], heads.nms_thresh)
-            inds = inds[keep[: heads.detections_per_img]]
-        boxes, scores, labels, proposal_idx = (
-            boxes[inds],
-            scores[inds],
-            labels[inds],
-            proposal_idx[inds],
-        )
-        rois = proposals[proposal_idx]
-        level = self.roi_levels(rois)
-        feats = list(features.values())
-        stride = torch.tensor(
-            [geometry.padded[0] / feats[int(lv)].shape[-2] for lv in level], device=rois.device
-        )
-        centre = (rois[:, :2] + rois[:, 2:]) / 2
-        cells = torch.div(centre, stride[:, None], rounding_mode="floor").long()
-        return Detections(
-            boxes=geometry.boxes_to_original(boxes),
-            scores=scores,
-            labels=labels,
-            class_probs=probs[proposal_idx],
-            objectness=objectness[proposal_idx],
-            provenance=Provenance(
-                level=level,
-                y=cells[:, 1],
-                x=cells[:, 0],
-                anchor=torch.zeros_like(labels),
-                class_index=labels,
-                proposal=proposal_idx,
-                proposal_box=geometry.boxes_to_original(rois),
-            ),
-            image_size=geometry.original,
+        inds = inds[box_ops.remove_small_boxes(boxes[inds], min_size=1e-2)]
+        limit = heads.detections_per_img
+        inds = inds[suppress(boxes[inds], scores[inds], labels[inds], heads.nms_thresh, limit, nms)]
+        proposal_idx = proposal_idx[inds]
+        detections = {
+            "boxes": geometry.boxes_to_original(boxes[inds]),
+            "scores": scores[inds],
+            "labels": labels[inds],
+            "class_probs": probs[proposal_idx],
+            "objectness": objectness[proposal_idx],
+        }
+        strides = [geometry.padded[0] / f.shape[-2] for f in features.values()]
+        return self.roi_detections(
+            detections, proposal_idx, proposals[proposal_idx], strides, geometry
         )
 
 
