@@ -91,40 +91,20 @@ COCO_THING_CLASSES: list[str] = [c["name"] for c in COCO_CATEGORIES if c["isthin
 class Detectron2Detector(NetworkDetector):
     """Common plumbing: detectron2's test-time input transform, backbone and geometry."""
 
+    framework = "detectron2"
+
     def __init__(
-        self,
-        model: nn.Module,
-        class_names: Sequence[str] | None = None,
-        name: str = "detectron2",
-        device: torch.device | str | None = None,
-        min_size: int = 800,
-        max_size: int = 1333,
+        self, model: nn.Module, *args: Any, min_size: int = 800, max_size: int = 1333, **kwargs: Any
     ) -> None:
+        """``min_size``/``max_size``: the test-time resize (``INPUT.MIN_SIZE_TEST``,
+        ``INPUT.MAX_SIZE_TEST``); ``args``/``kwargs``: ``NetworkDetector``'s."""
         if min_size < 1 or max_size < min_size:
             raise ValueError(f"need 1 <= min_size <= max_size, got {min_size}, {max_size}")
-        self.model = model.eval()
-        if device is not None:
-            self.model.to(device)
-        self.device = self.model.pixel_mean.device
-        self.name = name
+        super().__init__(model, *args, **kwargs)
         self.input_format = model.input_format
         if self.input_format not in ("RGB", "BGR"):
             raise ValueError(f"model.input_format must be RGB or BGR, got {self.input_format!r}")
         self.resize = d2_transforms.ResizeShortestEdge([min_size, min_size], max_size)
-        k = self._num_classes()
-        names = list(class_names) if class_names is not None else None
-        if names is not None and len(names) == k:  # detectron2's own list, without background
-            names = ["__background__", *names]
-        if names is None and k == len(COCO_THING_CLASSES):
-            names = ["__background__", *COCO_THING_CLASSES]
-        if names is None:
-            names = ["__background__", *(f"class{i}" for i in range(1, k + 1))]
-        if len(names) != k + 1:
-            raise ValueError(
-                f"class_names has {len(class_names or [])} entries; the model predicts {k} "
-                f"classes (give {k} names, or {k + 1} with the background first)"
-            )
-        self.class_names = names
         shapes = model.backbone.output_shape()
         self.strides = {name: shapes[name].stride for name in shapes}
         self.feature_levels = self._levels(sorted(shapes, key=lambda n: shapes[n].stride))
@@ -133,6 +113,24 @@ class Detectron2Detector(NetworkDetector):
 
     def _num_classes(self) -> int:
         raise NotImplementedError
+
+    def _class_names(self, given: Sequence[str] | None) -> list[str]:
+        """K names (detectron2's classes) or K + 1 with the background first; default COCO's
+        80 for an 80-class model, else ``class<i>``."""
+        k = self._num_classes()
+        names = list(given) if given is not None else None
+        if names is not None and len(names) == k:  # detectron2's own list, without background
+            names = ["__background__", *names]
+        if names is None and k == len(COCO_THING_CLASSES):
+            names = ["__background__", *COCO_THING_CLASSES]
+        if names is None:
+            names = ["__background__", *(f"class{i}" for i in range(1, k + 1))]
+        if len(names) != k + 1:
+            raise ValueError(
+                f"class_names has {len(given or [])} entries; the model predicts {k} "
+                f"classes (give {k} names, or {k + 1} with the background first)"
+            )
+        return names
 
     def _levels(self, outputs: list[str]) -> list[str]:
         """The feature levels that ``Provenance.level`` indexes."""
@@ -193,7 +191,7 @@ class Detectron2RCNN(Detectron2Detector, RoINetwork):
     (index and box), its pooled FPN level, the cell of its centre there, and the class;
     objectness is the RPN's (sigmoid of its logit)."""
 
-    def __init__(self, model: GeneralizedRCNN, **kwargs: Any) -> None:
+    def __init__(self, model: GeneralizedRCNN, *args: Any, **kwargs: Any) -> None:
         heads = model.roi_heads
         if not all(hasattr(heads, a) for a in ("box_pooler", "box_head", "box_predictor")):
             raise TypeError(
@@ -202,7 +200,7 @@ class Detectron2RCNN(Detectron2Detector, RoINetwork):
             )
         if model.proposal_generator is None:
             raise TypeError("cannot wrap a GeneralizedRCNN without a proposal generator (RPN)")
-        super().__init__(model, **kwargs)
+        super().__init__(model, *args, **kwargs)
         self.box_in_features = list(heads.box_in_features)
 
     def _num_classes(self) -> int:
@@ -304,11 +302,12 @@ class Detectron2RetinaNet(Detectron2Detector, DenseNetwork):
     def __init__(
         self,
         model: RetinaNet,
+        *args: Any,
         gn_tolerance: float = GN_TOLERANCE,
         exact_level_cells: int | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(model, **kwargs)
+        super().__init__(model, *args, **kwargs)
         head = model.head
         self.num_anchors = int(model.anchor_generator.num_cell_anchors[0])
         try:
@@ -403,23 +402,17 @@ class Detectron2RetinaNet(Detectron2Detector, DenseNetwork):
 # ----------------------------------------------------------------------------------
 
 
-def wrap(
-    model: nn.Module,
-    class_names: Sequence[str] | None = None,
-    name: str = "detectron2",
-    device: torch.device | str | None = None,
-    min_size: int = 800,
-    max_size: int = 1333,
-) -> Detectron2Detector:
+def wrap(model: nn.Module, *args: Any, **options: Any) -> Detectron2Detector:
     """Wrap an already-built detectron2 ``GeneralizedRCNN`` (standard RoI heads) or
-    ``RetinaNet``. ``min_size``/``max_size``: the test-time resize (``INPUT.MIN_SIZE_TEST``,
-    ``INPUT.MAX_SIZE_TEST``); ``class_names``: K names, or K + 1 with the background first."""
-    kwargs = {"class_names": class_names, "name": name, "device": device}
-    kwargs |= {"min_size": min_size, "max_size": max_size}
+    ``RetinaNet``. ``args``: ``NetworkDetector``'s ``class_names`` (K names, or K + 1 with
+    the background first), ``name``, ``device``; ``options``: those by keyword,
+    ``min_size``/``max_size`` (the test-time resize,
+    ``INPUT.MIN_SIZE_TEST``/``MAX_SIZE_TEST``) and, for RetinaNet, the GroupNorm guard's
+    ``gn_tolerance`` and ``exact_level_cells``."""
     if isinstance(model, RetinaNet):
-        return Detectron2RetinaNet(model, **kwargs)
+        return Detectron2RetinaNet(model, *args, **options)
     if isinstance(model, GeneralizedRCNN):
-        return Detectron2RCNN(model, **kwargs)
+        return Detectron2RCNN(model, *args, **options)
     raise TypeError(
         f"cannot wrap {type(model).__name__}: expected detectron2 GeneralizedRCNN or RetinaNet"
     )

@@ -94,30 +94,34 @@ class EvidenceDetector(NetworkDetector):
     framework adapter of ``detectors/network.py``: its network input is the image in [0, 1]
     zero-padded to the stride, its one feature level ``p1``, its head the read-out."""
 
+    framework = "evidence-toy"
+
     def __init__(
         self,
         objects: Sequence[EvidenceObject],
         class_names: Sequence[str] | None = None,
         stride: int = 4,
-        name: str = "evidence-toy",
+        name: str | None = None,
         device: torch.device | str = "cpu",
     ) -> None:
         if not objects:
             raise ValueError("objects must hold at least one EvidenceObject")
         if stride < 1:
             raise ValueError(f"stride must be >= 1, got {stride}")
-        num_classes = max(o.label for o in objects) + 1
-        if class_names is None:
-            class_names = ["__background__", *(f"class{i}" for i in range(1, num_classes))]
-        for k, o in enumerate(objects):
-            _check_object(k, o, stride, len(class_names))
         self.objects = list(objects)
-        self.class_names = list(class_names)
         self.stride = stride
-        self.name = name
-        self.device = torch.device(device)
         self.feature_levels = [LEVEL]
-        self.model = EvidenceNet(self.objects, stride).to(self.device).eval()
+        super().__init__(EvidenceNet(self.objects, stride), class_names, name, device)
+
+    def _class_names(self, given: Sequence[str] | None) -> list[str]:
+        """The names given, else ``class<i>`` up to the largest object label; the background
+        first."""
+        num_classes = max(o.label for o in self.objects) + 1
+        default = ["__background__", *(f"class{i}" for i in range(1, num_classes))]
+        names = list(given) if given is not None else default
+        for k, o in enumerate(self.objects):
+            _check_object(k, o, self.stride, len(names))
+        return names
 
     @property
     def net(self) -> EvidenceNet:

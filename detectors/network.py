@@ -39,6 +39,29 @@ class NetworkDetector(Detector):
     """Dotted path of the module whose children are the backbone stages (``backbone.<name>``
     layers), e.g. ``"backbone.body"``; None: no stage layers."""
 
+    framework: str = "network"
+    """The default detector name."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        class_names: Sequence[str] | None = None,
+        name: str | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        """``model`` in eval mode on ``device`` (default: where its parameters are);
+        ``class_names`` as the framework reads them (``_class_names``); ``name`` defaults to
+        the framework's."""
+        self.model = model.eval()
+        self.device = torch.device(device) if device is not None else _parameter_device(model)
+        self.model.to(self.device)
+        self.name = name or self.framework
+        self.class_names = self._class_names(class_names)
+
+    def _class_names(self, given: Sequence[str] | None) -> list[str]:
+        """``class_names[label]``, label 0 the background, from the names given (or None)."""
+        raise NotImplementedError(f"{type(self).__name__} does not name its classes")
+
     @abstractmethod
     def prepare(self, images: Sequence[np.ndarray]) -> tuple[Any, list[InputGeometry]]:
         """The framework's batch input of uint8 (or float [0, 1]) RGB images, and each image's
@@ -349,6 +372,12 @@ class NetworkTrace(WhiteBoxTrace):
         batch = list(range(len(indices))) * len(ATTRIBUTES)
         values = self._values(features, targets, batch=batch).view(len(ATTRIBUTES), len(indices))
         return values[0], values[1:].T * values.new_tensor([-1.0, -1.0, 1.0, 1.0])
+
+
+def _parameter_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
 
 
 def suppress(

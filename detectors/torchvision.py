@@ -45,35 +45,29 @@ class TorchvisionDetector(NetworkDetector):
     """Common plumbing: input conversion, transform, backbone, level names."""
 
     stage_module = "backbone.body"
+    framework = "torchvision"
 
-    def __init__(
-        self,
-        model: nn.Module,
-        class_names: Sequence[str] | None = None,
-        name: str = "torchvision",
-        device: torch.device | str | None = None,
-    ) -> None:
-        self.model = model.eval()
-        self.device = torch.device(device) if device is not None else _model_device(model)
-        self.model.to(self.device)
-        self.name = name
-        num_classes = self._num_classes()
-        if class_names is None:
-            class_names = (
-                COCO_CLASS_NAMES
-                if num_classes == len(COCO_CLASS_NAMES)
-                else [f"class{i}" for i in range(num_classes)]
-            )
-        if len(class_names) != num_classes:
-            raise ValueError(
-                f"class_names has {len(class_names)} entries but the model predicts "
-                f"{num_classes} classes (index 0 is the background)"
-            )
-        self.class_names = list(class_names)
+    def __init__(self, model: nn.Module, *args: Any, **kwargs: Any) -> None:
+        super().__init__(model, *args, **kwargs)
         self.feature_keys, self.feature_levels = self._name_levels()
 
     def _num_classes(self) -> int:
         raise NotImplementedError
+
+    def _class_names(self, given: Sequence[str] | None) -> list[str]:
+        """K + 1 names with the background first (the model's K + 1 outputs); default COCO's
+        for a 91-class model, else ``class<i>``."""
+        num_classes = self._num_classes()
+        if given is None:
+            if num_classes == len(COCO_CLASS_NAMES):
+                return list(COCO_CLASS_NAMES)
+            return [f"class{i}" for i in range(num_classes)]
+        if len(given) != num_classes:
+            raise ValueError(
+                f"class_names has {len(given)} entries but the model predicts "
+                f"{num_classes} classes (index 0 is the background)"
+            )
+        return list(given)
 
     def _name_levels(self) -> tuple[list[str], list[str]]:
         """The backbone's output keys and the level names ``p<k>`` (stride 2^k) they get,
@@ -129,12 +123,6 @@ class TorchvisionDetector(NetworkDetector):
         return OrderedDict(zip(self.feature_keys, features.values(), strict=True))
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
 # ----------------------------------------------------------------------------------
 # One-stage: FCOS and RetinaNet
 # ----------------------------------------------------------------------------------
@@ -174,11 +162,12 @@ class OneStageDetector(TorchvisionDetector, DenseNetwork):
     def __init__(
         self,
         model: tvd.FCOS | tvd.RetinaNet,
+        *args: Any,
         gn_tolerance: float = GN_TOLERANCE,
         exact_level_cells: int | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(model, **kwargs)
+        super().__init__(model, *args, **kwargs)
         self.is_fcos = isinstance(model, tvd.FCOS)
         self.local_head = one_stage_local_head(model, gn_tolerance, exact_level_cells)
         self.num_anchors = model.head.classification_head.num_anchors
@@ -354,20 +343,15 @@ class FasterRCNNDetector(TorchvisionDetector, RoINetwork):
 # ----------------------------------------------------------------------------------
 
 
-def wrap(
-    model: nn.Module,
-    class_names: Sequence[str] | None = None,
-    name: str = "torchvision",
-    device: torch.device | str | None = None,
-    **options: Any,
-) -> TorchvisionDetector:
-    """Wrap an already-built torchvision FCOS, RetinaNet or Faster R-CNN (any backbone);
-    ``options`` go to the wrapper (``gn_tolerance``, ``exact_level_cells``: one-stage only)."""
-    common = {"class_names": class_names, "name": name, "device": device, **options}
+def wrap(model: nn.Module, *args: Any, **options: Any) -> TorchvisionDetector:
+    """Wrap an already-built torchvision FCOS, RetinaNet or Faster R-CNN (any backbone).
+    ``args``: ``NetworkDetector``'s ``class_names`` (K + 1, the background first), ``name``,
+    ``device``; ``options``: those by keyword and, for one-stage models, the GroupNorm
+    guard's ``gn_tolerance`` and ``exact_level_cells``."""
     if isinstance(model, tvd.FCOS | tvd.RetinaNet):
-        return OneStageDetector(model, **common)
+        return OneStageDetector(model, *args, **options)
     if isinstance(model, tvd.FasterRCNN):
-        return FasterRCNNDetector(model, **common)
+        return FasterRCNNDetector(model, *args, **options)
     raise TypeError(
         f"cannot wrap {type(model).__name__}: expected torchvision FCOS, RetinaNet or FasterRCNN"
     )
