@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from xaibench.detectors.local_head import HeadRecords, LocalConvHead
+from xaibench.detectors.local_head import CellTargets, HeadRecords, LocalConvHead
 from xaibench.detectors.network import Features, NetworkDetector, NetworkTrace
 
 from xaibench.detector import FeatureWindows
@@ -243,7 +243,8 @@ class DenseNetworkTrace(NetworkTrace):
             cot = {n: c[rows] * own[:, None] for n, c in cotangents.items()}
             feat = self.levels[lv][0]
             pad = self._margin(margin, rows.tolist(), targets, feat)
-            parts = self.detector.local_head.level_parts(lv, feat, ys, xs, cot, self.records, pad)
+            cell_targets = CellTargets(ys, xs, cot)
+            parts = self.detector.local_head.level_parts(self.records[lv], feat, cell_targets, pad)
             for part in parts:
                 picked = rows[part.rows].tolist()
                 out.append(

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from xaibench.detectors.dense import DenseNetwork, RawOutputs, dense_detections
+from xaibench.detectors.detectron2_builders import detectron2_detector as build
 from xaibench.detectors.local_head import GN_TOLERANCE, Branch, LocalConvHead, flatten_tower
 from xaibench.detectors.network import Features, NetworkDetector, suppress
 from xaibench.detectors.roi import Proposals, RoIAlignSettings, RoINetwork
@@ -45,11 +45,10 @@ INSTALL_HINT = (
 try:
     with warnings.catch_warnings():  # detectron2 scripts some functions with torch.jit on import
         warnings.simplefilter("ignore", FutureWarning)
-        from detectron2.config import CfgNode
         from detectron2.data import transforms as d2_transforms
         from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
         from detectron2.layers import FrozenBatchNorm2d, ROIAlign
-        from detectron2.modeling import GeneralizedRCNN, RetinaNet, build_model
+        from detectron2.modeling import GeneralizedRCNN, RetinaNet
         from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
         from detectron2.modeling.poolers import assign_boxes_to_levels
         from detectron2.modeling.postprocessing import detector_postprocess
@@ -415,54 +414,6 @@ def wrap(model: nn.Module, *args: Any, **options: Any) -> Detectron2Detector:
         return Detectron2RCNN(model, *args, **options)
     raise TypeError(
         f"cannot wrap {type(model).__name__}: expected detectron2 GeneralizedRCNN or RetinaNet"
-    )
-
-
-def build(
-    config: str | Path | CfgNode,
-    weights: str | Path | None = None,
-    num_classes: int | None = None,
-    class_names: Sequence[str] | None = None,
-    min_size: int | None = None,
-    max_size: int | None = None,
-    score_thresh: float | None = None,
-    device: torch.device | str | None = None,
-    opts: Sequence[str] = (),
-    name: str = "detectron2",
-) -> Detectron2Detector:
-    """Build a detectron2 detector from a config (see ``load_config``) and wrap it.
-
-    ``weights``: None (random initialisation; the config's ``MODEL.WEIGHTS`` is ignored,
-    nothing is downloaded) or a checkpoint file. ``num_classes`` (without background; default
-    the config's, or ``len(class_names)``), ``min_size``/``max_size`` (test-time resize) and
-    ``score_thresh`` (test score threshold) override the config; ``opts`` are further
-    ``KEY VALUE`` overrides.
-    """
-    cfg = load_config(config, opts)
-    cfg.MODEL.WEIGHTS = ""
-    cfg.MODEL.DEVICE = str(device) if device is not None else "cpu"
-    if num_classes is None and class_names is not None:
-        num_classes = len(class_names) - (class_names[0] == "__background__")
-    if num_classes is not None:
-        cfg.MODEL.ROI_HEADS.NUM_CLASSES = num_classes
-        cfg.MODEL.RETINANET.NUM_CLASSES = num_classes
-    if min_size is not None:
-        cfg.INPUT.MIN_SIZE_TEST = min_size
-    if max_size is not None:
-        cfg.INPUT.MAX_SIZE_TEST = max_size
-    if score_thresh is not None:
-        cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = score_thresh
-        cfg.MODEL.RETINANET.SCORE_THRESH_TEST = score_thresh
-    model = build_model(cfg)
-    if weights is not None:
-        load_weights(model, weights)
-    return wrap(
-        model,
-        class_names=class_names,
-        name=name,
-        device=device,
-        min_size=cfg.INPUT.MIN_SIZE_TEST,
-        max_size=cfg.INPUT.MAX_SIZE_TEST,
     )
 
 

@@ -162,16 +162,33 @@ class GroupNormRecord(NormRecord):
 LeafRecord = ReluRecord | NormRecord | None
 
 
-@dataclass
-class LevelRecord:
-    """What one branch's backward needs on one level: one record per tower leaf (first
-    image; ``None`` for convolutions and other leaves that need nothing)."""
+class RecordedLevel(NamedTuple):
+    """One level of a recorded forward pass (first image): the level's ``shape`` (h, w) and,
+    per branch, one record per tower leaf (``None`` for convolutions and other leaves that
+    need nothing)."""
 
-    leaves: list[LeafRecord] = field(default_factory=list)
+    shape: tuple[int, int]
+    branches: dict[str, list[LeafRecord]]
 
 
-HeadRecords = dict[str, list[LevelRecord]]
-"""A recorded forward pass: per branch, one ``LevelRecord`` per level."""
+HeadRecords = list[RecordedLevel]
+"""A recorded forward pass, one ``RecordedLevel`` per level."""
+
+
+class CellTargets(NamedTuple):
+    """Targets at cells (``ys``, ``xs``) (T,) of one level, each the weighted sum
+    ``sum_o cotangents[o][t] . out_o[:, y_t, x_t]`` of the head's raw outputs there
+    ({output name: (T, C_out)})."""
+
+    ys: torch.Tensor
+    xs: torch.Tensor
+    cotangents: dict[str, torch.Tensor]
+
+    def select(self, rows: torch.Tensor, outputs: Sequence[str] | None = None) -> CellTargets:
+        """The targets at ``rows``, with the cotangents of ``outputs`` (default: all)."""
+        names = self.cotangents if outputs is None else outputs
+        cot = {o: self.cotangents[o][rows] for o in names}
+        return CellTargets(self.ys[rows], self.xs[rows], cot)
 
 
 class WindowPart(NamedTuple):
@@ -220,69 +237,52 @@ class LocalConvHead:
     ) -> tuple[list[dict[str, torch.Tensor]], HeadRecords | None]:
         """Raw output maps per level ({output name: (N, C_out, h, w)}, pre-activation) and,
         with ``record``, what the backward passes of the first image need."""
-        outputs, records = [], {name: [] for name in self.branches} if record else None
-        for x in levels:
-            out, level_records = self.forward_level(x, record)
-            outputs.append(out)
-            if records is not None:
-                for name, rec in level_records.items():
-                    records[name].append(rec)
-        return outputs, records
+        passes = [self.forward_level(x, record) for x in levels]
+        return [out for out, _ in passes], [rec for _, rec in passes] if record else None
 
     def forward_level(
         self, x: torch.Tensor, record: bool = False
-    ) -> tuple[dict[str, torch.Tensor], dict[str, LevelRecord]]:
-        """One level's raw output maps and, with ``record``, each branch's record of it."""
+    ) -> tuple[dict[str, torch.Tensor], RecordedLevel | None]:
+        """One level's raw output maps and, with ``record``, its record."""
         out: dict[str, torch.Tensor] = {}
-        records: dict[str, LevelRecord] = {}
+        leaves: dict[str, list[LeafRecord]] = {name: [] for name in self.branches}
         for name, branch in self.branches.items():
-            rec = LevelRecord()
             t = x
             for m in branch.tower:
                 if record:
                     t, leaf = _run_and_record(m, t)
-                    rec.leaves.append(leaf)
+                    leaves[name].append(leaf)
                 else:
                     t = m(t)
             for out_name, conv in branch.outputs.items():
                 out[out_name] = conv(t)
-            if record:
-                records[name] = rec
-        return out, records
+        return out, RecordedLevel((x.shape[-2], x.shape[-1]), leaves) if record else None
 
     @property
     def has_group_norm(self) -> bool:
         return any(isinstance(m, nn.GroupNorm) for b in self.branches.values() for m in b.tower)
 
+    def _used(self, branch: Branch, cells: CellTargets) -> list[str]:
+        return [o for o in branch.outputs if o in cells.cotangents]
+
     @torch.no_grad()
-    def level_gradients(
-        self,
-        level: int,
-        shape: tuple[int, int],
-        ys: torch.Tensor,
-        xs: torch.Tensor,
-        cotangents: dict[str, torch.Tensor],
-        records: HeadRecords,
-    ) -> torch.Tensor:
-        """Exact d(sum_o cot[t, o] * out_o[y_t, x_t]) / d(level input) over the whole level
-        of ``shape`` (h, w), GroupNorm statistics included: one batched backward pass over the
-        recorded forward pass, every target on its own copy of the level. Returns
-        (T, C, h, w)."""
+    def level_gradients(self, level: RecordedLevel, cells: CellTargets) -> torch.Tensor:
+        """Exact input gradients (T, C, h, w) of the targets over the whole recorded
+        ``level``, GroupNorm statistics included: one batched backward pass over the
+        recorded forward pass, every target on its own copy of the level."""
         total: torch.Tensor | None = None
+        rows = torch.arange(len(cells.ys))
         for name, branch in self.branches.items():
-            used = [o for o in branch.outputs if o in cotangents]
-            if not used:
-                continue
-            rec = records[name][level]
             g: torch.Tensor | None = None
-            for o in used:
-                conv = branch.outputs[o]
-                cot = cotangents[o]
-                seed = cot.new_zeros((len(ys), cot.shape[1], *shape))
-                seed[torch.arange(len(ys)), :, ys, xs] = cot
+            for o in self._used(branch, cells):
+                conv, cot = branch.outputs[o], cells.cotangents[o]
+                seed = cot.new_zeros((len(rows), cot.shape[1], *level.shape))
+                seed[rows, :, cells.ys, cells.xs] = cot
                 back = F.conv_transpose2d(seed, conv.weight, padding=conv.padding)
                 g = back if g is None else g + back
-            for m, leaf in reversed(list(zip(branch.tower, rec.leaves, strict=True))):
+            if g is None:
+                continue
+            for m, leaf in reversed(list(zip(branch.tower, level.branches[name], strict=True))):
                 if isinstance(m, nn.Conv2d):
                     g = F.conv_transpose2d(g, m.weight, padding=m.padding)
                 elif isinstance(leaf, ReluRecord):
@@ -293,23 +293,13 @@ class LocalConvHead:
                         g = g - _statistics_term(g, leaf)
             total = g if total is None else total + g
         if total is None:
-            raise ValueError(f"no cotangent for any head output; got {sorted(cotangents)}")
+            raise ValueError(f"no cotangent for any head output; got {sorted(cells.cotangents)}")
         return total
 
     def window_gradients(
-        self,
-        level: int,
-        shape: tuple[int, int],
-        ys: torch.Tensor,
-        xs: torch.Tensor,
-        cotangents: dict[str, torch.Tensor],
-        records: HeadRecords,
-        create_graph: bool = False,
+        self, level: RecordedLevel, cells: CellTargets, create_graph: bool = False
     ) -> WindowGradients:
-        """d(sum_o cot[t, o] * out_o[y_t, x_t]) / d(level input) on each cell's window.
-
-        ``cotangents`` maps output names to (T, C_out); ``records`` are those of the forward
-        pass being explained, on a level of ``shape`` (h, w). Gradients are
+        """The targets' input gradients on each cell's window of the recorded ``level``:
         (T, C, 2R+1, 2R+1) centred on (y_t, x_t), R = ``self.radius``; cells outside the
         level get zero gradient.
 
@@ -318,41 +308,28 @@ class LocalConvHead:
         losses on heat maps (Odam-Train); the GroupNorm statistics term is then not measured
         (``gn_error`` is zero).
         """
+        if not any(self._used(b, cells) for b in self.branches.values()):
+            raise ValueError(f"no cotangent for any head output; got {sorted(cells.cotangents)}")
         with torch.set_grad_enabled(create_graph):
-            return self._window_gradients(level, shape, ys, xs, cotangents, records, create_graph)
+            return self._windows(level, cells, create_graph)
 
-    def _window_gradients(
-        self,
-        level: int,
-        shape: tuple[int, int],
-        ys: torch.Tensor,
-        xs: torch.Tensor,
-        cotangents: dict[str, torch.Tensor],
-        records: HeadRecords,
-        create_graph: bool,
+    def _windows(
+        self, level: RecordedLevel, cells: CellTargets, keep_graph: bool
     ) -> WindowGradients:
-        if not any(o in cotangents for b in self.branches.values() for o in b.outputs):
-            raise ValueError(f"no cotangent for any head output; got {sorted(cotangents)}")
+        ys, xs = cells.ys, cells.xs
         total: torch.Tensor | None = None
         gn_error = torch.zeros(len(ys), device=ys.device)
         for name, branch in self.branches.items():
-            used = [o for o in branch.outputs if o in cotangents]
+            used = self._used(branch, cells)
             if not used:
                 continue
-            cot = torch.cat([cotangents[o] for o in used], 1)
+            cot = torch.cat([cells.cotangents[o] for o in used], 1)
             runs, share, multiple = _shared_backwards(ys, xs, cot)
             if not len(runs):  # every target's cotangent on this branch is zero
                 continue
-            leaves = list(zip(branch.tower, records[name][level].leaves, strict=True))
-            g, err = self._branch_windows(
-                branch,
-                leaves,
-                shape,
-                ys[runs],
-                xs[runs],
-                {o: cotangents[o][runs] for o in used},
-                statistics=not create_graph,
-            )
+            leaves = list(zip(branch.tower, level.branches[name], strict=True))
+            run_cells = cells.select(runs, used)
+            g, err = self._branch_windows(branch, leaves, level.shape, run_cells, keep_graph)
             if len(runs) < len(ys):  # targets that share a backward pass, or have none
                 g = g[share.clamp(min=0)] * multiple[:, None, None, None]
                 err = torch.where(share >= 0, err[share.clamp(min=0)], 0)
@@ -363,7 +340,7 @@ class LocalConvHead:
             branch = next(iter(self.branches.values()))
             weight = next(iter(branch.outputs.values())).weight
             return WindowGradients(weight.new_zeros(len(ys), branch.in_channels, k, k), gn_error)
-        total = total * _inside_level(shape, ys, xs, self.radius, total)
+        total = total * _inside_level(level.shape, ys, xs, self.radius, total)
         return WindowGradients(total, gn_error)
 
     def _branch_windows(
@@ -371,19 +348,18 @@ class LocalConvHead:
         branch: Branch,
         leaves: list[tuple[nn.Module, LeafRecord]],
         shape: tuple[int, int],
-        ys: torch.Tensor,
-        xs: torch.Tensor,
-        cotangents: dict[str, torch.Tensor],
-        statistics: bool = True,
+        cells: CellTargets,
+        keep_graph: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One branch's windowed input gradients (T, C, 2R+1, 2R+1) and its largest relative
-        GroupNorm statistics term per target (T,; zero without ``statistics``), for
+        GroupNorm statistics term per target (T,; zero with ``keep_graph``), for
         ``window_gradients``. No operation is in place, so the result can carry a graph."""
+        ys, xs = cells.ys, cells.xs
         g = sum(
             F.conv_transpose2d(cot[:, :, None, None], branch.outputs[o].weight)
-            for o, cot in cotangents.items()
+            for o, cot in cells.cotangents.items()
         )
-        r = max(branch.outputs[o].kernel_size[0] for o in cotangents) // 2
+        r = max(branch.outputs[o].kernel_size[0] for o in cells.cotangents) // 2
         gn_error = torch.zeros(len(ys), device=ys.device)
         inside = False  # whether g is zero on the window's cells off the level
         relu_output = None  # the windows of a ReLU output, while g is that ReLU's input gradient
@@ -401,7 +377,7 @@ class LocalConvHead:
                 g = F.conv_transpose2d(g, m.weight)
                 r += m.kernel_size[0] // 2
                 inside = False
-            elif isinstance(leaf, GroupNormRecord) and statistics:
+            elif isinstance(leaf, GroupNormRecord) and not keep_graph:
                 gz = leaf.window_products(g, ys, xs, r, following_relu)
                 g = g * leaf.scale[None, :, None, None]
                 gn_error = torch.maximum(gn_error, _statistics_error(g, gz, leaf))
@@ -410,40 +386,33 @@ class LocalConvHead:
         return _pad(g, self.radius - r), gn_error
 
     def level_parts(
-        self,
-        level: int,
-        feat: torch.Tensor,
-        ys: torch.Tensor,
-        xs: torch.Tensor,
-        cotangents: dict[str, torch.Tensor],
-        records: HeadRecords,
-        pad: int = 0,
+        self, level: RecordedLevel, feat: torch.Tensor, cells: CellTargets, pad: int = 0
     ) -> list[WindowPart]:
-        """Input gradients of the targets at (ys, xs) of one level ``feat`` (C, h, w), with
-        ``pad`` extra cells on every side. Windowed, except on a GroupNorm head for targets
-        whose left-out statistics term exceeds ``level_tolerance(gn_tolerance, h * w)``
-        (relative norm) and for levels of at most ``exact_level_cells`` cells: those get the
-        whole level, exactly."""
-        h, w = feat.shape[-2:]
+        """Input gradients of the targets on the recorded ``level`` whose input is ``feat``
+        (C, h, w), with ``pad`` extra cells on every side. Windowed, except on a GroupNorm
+        head for targets whose left-out statistics term exceeds
+        ``level_tolerance(gn_tolerance, h * w)`` (relative norm) and for levels of at most
+        ``exact_level_cells`` cells: those get the whole level, exactly."""
+        h, w = level.shape
         exact_level_cells = self.exact_level_cells
         if exact_level_cells is None:
             exact_level_cells = (2 * self.radius + 1) ** 2
         parts = []
         if self.has_group_norm and h * w <= exact_level_cells:
-            redo = torch.arange(len(ys), device=ys.device)
+            redo = torch.arange(len(cells.ys), device=cells.ys.device)
         else:
-            windowed = self.window_gradients(level, (h, w), ys, xs, cotangents, records)
+            windowed = self.window_gradients(level, cells)
             exact = windowed.gn_error > level_tolerance(self.gn_tolerance, h * w)
             keep, redo = torch.where(~exact)[0], torch.where(exact)[0]
             if len(keep):
                 r = self.radius + pad
-                grads = windowed.grads if len(keep) == len(ys) else windowed.grads[keep]
-                origin = torch.stack((ys[keep], xs[keep]), 1).cpu() - r
-                acts = gather_windows(feat, ys[keep], xs[keep], r)
+                grads = windowed.grads if len(keep) == len(cells.ys) else windowed.grads[keep]
+                ys, xs = cells.ys[keep], cells.xs[keep]
+                origin = torch.stack((ys, xs), 1).cpu() - r
+                acts = gather_windows(feat, ys, xs, r)
                 parts.append(WindowPart(keep, _pad(grads, pad), origin, acts))
         if len(redo):
-            cot = {n: c[redo] for n, c in cotangents.items()}
-            grads = self.level_gradients(level, (h, w), ys[redo], xs[redo], cot, records)
+            grads = self.level_gradients(level, cells.select(redo))
             acts = _pad(feat, pad)[None].expand(len(redo), -1, -1, -1)
             origin = torch.full((len(redo), 2), -pad, dtype=torch.long)
             parts.append(WindowPart(redo, _pad(grads, pad), origin, acts))

@@ -53,7 +53,7 @@ from torch import nn
 from torchvision.models.detection import FCOS, FasterRCNN
 from torchvision.models.detection.roi_heads import fastrcnn_loss
 from torchvision.ops import box_iou
-from xaibench.detectors.local_head import gather_windows
+from xaibench.detectors.local_head import CellTargets, gather_windows
 from xaibench.detectors.torchvision import one_stage_local_head
 from xaibench.detectors.training import BaselineConfig, TrainResult, fit
 
@@ -250,9 +250,8 @@ def _fcos_level_maps(head, level, raw, records, feature, ys, xs, labels, grid):
     used = ["cls_logits", "bbox_ctrness"]
     grads = torch.autograd.grad(scores.sum(), [cells[n] for n in used], create_graph=True)
     shape = (int(feature.shape[-2]), int(feature.shape[-1]))
-    windows = head.window_gradients(
-        level, shape, ys, xs, dict(zip(used, grads, strict=True)), records, create_graph=True
-    ).grads
+    targets = CellTargets(ys, xs, dict(zip(used, grads, strict=True)))
+    windows = head.window_gradients(records[level], targets, create_graph=True).grads
     r = head.radius
     acts = gather_windows(feature, ys, xs, r)
     window_maps = torch.relu((windows * acts).sum(1))  # (T, 2r+1, 2r+1)

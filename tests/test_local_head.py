@@ -9,6 +9,7 @@ from torch import nn
 from xaibench.detectors.local_head import (
     GN_REFERENCE_CELLS,
     Branch,
+    CellTargets,
     LocalConvHead,
     _shared_backwards,
     flatten_tower,
@@ -44,7 +45,7 @@ def test_level_gradients_equal_autograd_with_group_norm_statistics() -> None:
     head = recorded_head(towers, outputs, x)
     ys, xs = torch.tensor([0, 4, 8]), torch.tensor([3, 10, 0])  # corners and edges included
     cot = {"cls": torch.randn(3, 5), "reg": torch.randn(3, 4)}
-    ours = head.level_gradients(0, (9, 11), ys, xs, cot, head.records)
+    ours = head.level_gradients(head.records[0], CellTargets(ys, xs, cot))
     for t in range(3):
         leaf = x.clone().requires_grad_(True)
         value = sum(
@@ -70,7 +71,7 @@ def test_gn_error_is_the_relative_norm_of_the_statistics_term(relu: bool) -> Non
     head = recorded_head({"cls": tower}, {"cls": out}, x)
     ys, xs = torch.tensor([5, 0]), torch.tensor([4, 9])
     cot = torch.randn(2, 3)
-    measured = head.window_gradients(0, (12, 10), ys, xs, {"cls": cot}, head.records).gn_error
+    measured = head.window_gradients(head.records[0], CellTargets(ys, xs, {"cls": cot})).gn_error
     z = tower[0](x).detach().requires_grad_(True)
     sigma = torch.sqrt(z.reshape(4, -1).var(-1, unbiased=False) + norm.eps)
     for t in range(2):
@@ -95,12 +96,12 @@ def test_levels_no_larger_than_a_window_take_the_exact_route() -> None:
         head = recorded_head({"cls": tower}, {"cls": out}, x)
         ys, xs = torch.tensor([1, h - 1]), torch.tensor([2, 0])
         cot = {"cls": torch.randn(2, 3)}
-        parts = head.level_parts(0, x[0], ys, xs, cot, head.records, pad=0)
+        parts = head.level_parts(head.records[0], x[0], CellTargets(ys, xs, cot), pad=0)
         ((rows, grads, origin, _),) = parts
         assert rows.tolist() == [0, 1]
         if exact:
             assert grads.shape[-2:] == (h, w) and origin.tolist() == [[0, 0], [0, 0]]
-            reference = head.level_gradients(0, (h, w), ys, xs, cot, head.records)
+            reference = head.level_gradients(head.records[0], CellTargets(ys, xs, cot))
             torch.testing.assert_close(grads, reference)
         else:
             assert grads.shape[-2:] == (5, 5)
@@ -126,7 +127,7 @@ def test_windows_are_exact_with_no_relu_between_convolutions() -> None:
     head = recorded_head({"cls": tower}, {"cls": out}, x)
     ys, xs = torch.tensor([0, 6, 3]), torch.tensor([0, 5, 2])
     cot = torch.randn(3, 2)
-    windows = head.window_gradients(0, (7, 6), ys, xs, {"cls": cot}, head.records).grads
+    windows = head.window_gradients(head.records[0], CellTargets(ys, xs, {"cls": cot})).grads
     r = head.radius
     assert windows.shape == (3, 8, 2 * r + 1, 2 * r + 1)
     for t in range(3):
@@ -152,10 +153,10 @@ def test_targets_at_one_cell_with_parallel_cotangents_share_a_backward_pass() ->
     runs, share, multiple = _shared_backwards(ys, xs, cot)
     assert runs.tolist() == [0, 4] and share.tolist() == [0, 0, -1, 0, 1]
     assert multiple.tolist() == [1.0, -2.5, 0.0, 0.5, 1.0]
-    together = head.window_gradients(0, (10, 9), ys, xs, {"cls": cot}, head.records)
+    together = head.window_gradients(head.records[0], CellTargets(ys, xs, {"cls": cot}))
     for t in range(5):
         alone = head.window_gradients(
-            0, (10, 9), ys[t : t + 1], xs[t : t + 1], {"cls": cot[t : t + 1]}, head.records
+            head.records[0], CellTargets(ys[t : t + 1], xs[t : t + 1], {"cls": cot[t : t + 1]})
         )
         torch.testing.assert_close(together.grads[t], alone.grads[0], atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(together.gn_error[t], alone.gn_error[0])

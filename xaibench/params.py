@@ -8,6 +8,7 @@ import inspect
 import json
 import typing
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
@@ -30,8 +31,8 @@ def checked_params(factory: Callable[..., Any], params: dict[str, Any]) -> dict[
     signature = inspect.signature(target)
     accepted = {n: p for n, p in signature.parameters.items() if n != "self"}
     open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
-    try:
-        hints = typing.get_type_hints(target)
+    try:  # a partial's parameters are its function's
+        hints = typing.get_type_hints(target.func if isinstance(target, partial) else target)
     except Exception:  # an annotation that does not resolve: check names only
         hints = {}
     out = dict(params)
