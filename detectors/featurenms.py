@@ -78,12 +78,8 @@ class EmbeddingHead(nn.Module):
         return F.normalize(self.mlp(features), dim=1)
 
     def spec(self) -> dict[str, int]:
-        return {
-            "in_features": self.in_features,
-            "dim": self.dim,
-            "hidden": self.hidden,
-            "patch": self.patch,
-        }
+        """The constructor's arguments (stored with the weights)."""
+        return {name: getattr(self, name) for name in ("in_features", "dim", "hidden", "patch")}
 
 
 def pull_push_loss(

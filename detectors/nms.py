@@ -97,6 +97,8 @@ class NMSStrategy(ABC):
     """Duplicate removal on pre-NMS candidates, per class; see the module docstring."""
 
     name: ClassVar[str] = "strategy"
+    settings: ClassVar[tuple[str, ...]] = ("iou_threshold", "score_threshold", "max_detections")
+    """The attributes ``params`` records, in order (a subclass extends its parent's)."""
 
     def __init__(
         self,
@@ -114,11 +116,7 @@ class NMSStrategy(ABC):
 
     def params(self) -> dict[str, Any]:
         """The settings (recorded with every result row)."""
-        return {
-            "iou_threshold": self.iou_threshold,
-            "score_threshold": self.score_threshold,
-            "max_detections": self.max_detections,
-        }
+        return {name: getattr(self, name) for name in self.settings}
 
     def run(self, detector: Detector, image: np.ndarray) -> NMSOutput:
         """The whole pipeline on one uint8 RGB image: candidates, then ``select``."""
@@ -190,6 +188,7 @@ class SoftNMS(NMSStrategy):
     one argmax per kept candidate)."""
 
     name = "softnms"
+    settings = (*NMSStrategy.settings, "method", "sigma", "final_threshold")
 
     def __init__(
         self,
@@ -206,14 +205,6 @@ class SoftNMS(NMSStrategy):
         self.method = method
         self.sigma = sigma
         self.final_threshold = final_threshold
-
-    def params(self) -> dict[str, Any]:
-        return {
-            **super().params(),
-            "method": self.method,
-            "sigma": self.sigma,
-            "final_threshold": self.final_threshold,
-        }
 
     def decay(self, iou: torch.Tensor) -> torch.Tensor:
         """Score factor for the given IoUs with the candidate just kept."""
@@ -279,6 +270,7 @@ class OdamNMS(NMSStrategy):
     maps on the FPN level of each prediction, fast path)."""
 
     name = "odamnms"
+    settings = (*NMSStrategy.settings, "t_high", "t_low", "short_edge", "correlation")
 
     def __init__(
         self,
@@ -302,14 +294,7 @@ class OdamNMS(NMSStrategy):
         self.method = METHODS.build("odam", **self.odam)
 
     def params(self) -> dict[str, Any]:
-        return {
-            **super().params(),
-            "t_high": self.t_high,
-            "t_low": self.t_low,
-            "short_edge": self.short_edge,
-            "correlation": self.correlation,
-            "odam": self.method.params(),
-        }
+        return {**super().params(), "odam": self.method.params()}
 
     def run(self, detector: Detector, image: np.ndarray) -> NMSOutput:
         """One pass of the detector: a trace of the pre-NMS candidates
@@ -375,6 +360,7 @@ class FeatureNMS(NMSStrategy):
     crowd demo detectors)."""
 
     name = "featurenms"
+    settings = (*NMSStrategy.settings, "high", "low", "distance", "embedding")
 
     def __init__(
         self,
@@ -390,15 +376,6 @@ class FeatureNMS(NMSStrategy):
         self.high, self.low, self.distance = high, low, distance
         self.embedding = embedding
         self._heads: dict[int, Any] = {}
-
-    def params(self) -> dict[str, Any]:
-        return {
-            **super().params(),
-            "high": self.high,
-            "low": self.low,
-            "distance": self.distance,
-            "embedding": self.embedding,
-        }
 
     def head(self, detector: Detector) -> Any:
         """The detector's embedding head (loaded once per detector)."""

@@ -44,7 +44,6 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -55,10 +54,15 @@ from torchvision.models.detection.roi_heads import fastrcnn_loss
 from torchvision.ops import box_iou
 from xaibench.detectors.local_head import CellTargets, gather_windows
 from xaibench.detectors.torchvision import one_stage_local_head
-from xaibench.detectors.training import BaselineConfig, TrainResult, fit
+from xaibench.detectors.training import (
+    BaselineConfig,
+    FitRecipe,
+    Images,
+    StepLosses,
+    Targets,
+)
 
 from xaibench.registry import RECIPES
-from xaibench.types import Sample
 
 REFERENCE_WEIGHTS = {"fcos": 0.5, "frcnn": 0.2}
 """Weight of (L_con + L_sep) / N in the reference code, per detector family."""
@@ -152,8 +156,8 @@ def _valid(size: tuple[int, int], stride: int) -> tuple[int, int]:
 
 def fcos_losses_and_maps(
     model: FCOS,
-    images: list[torch.Tensor],
-    targets: list[dict[str, torch.Tensor]],
+    images: Images,
+    targets: Targets,
     map_stride: int = 8,
 ) -> tuple[dict[str, torch.Tensor], list[PositiveMaps]]:
     """torchvision FCOS's training losses and, per image, the differentiable ODAM maps of
@@ -272,8 +276,8 @@ def _fcos_level_maps(head, level, raw, records, feature, ys, xs, labels, grid):
 
 def frcnn_losses_and_maps(
     model: FasterRCNN,
-    images: list[torch.Tensor],
-    targets: list[dict[str, torch.Tensor]],
+    images: Images,
+    targets: Targets,
     map_stride: int = 8,
 ) -> tuple[dict[str, torch.Tensor], list[PositiveMaps]]:
     """torchvision Faster R-CNN's training losses and, per image, the differentiable ODAM
@@ -342,8 +346,8 @@ def _boxes_to_grid(
 
 def step_losses(
     model: nn.Module,
-    images: list[torch.Tensor],
-    targets: list[dict[str, torch.Tensor]],
+    images: Images,
+    targets: Targets,
     weight: float,
     clamp: float,
     map_stride: int,
@@ -369,21 +373,15 @@ def family(model: nn.Module) -> str:
     )
 
 
-@RECIPES.register("odam-train")
-def train_odam(
-    model: nn.Module,
-    dataset: Sequence[Sample],
-    config: OdamTrainConfig | None = None,
-    checkpoint_dir: str | Path | None = None,
-    progress: bool = True,
-    log_every: int = 0,
-) -> TrainResult:
-    """Train a torchvision FCOS or Faster R-CNN in place with Odam-Train and return it in
-    eval mode; checkpoints, resuming, devices and progress as ``training.fit``."""
-    config = config or OdamTrainConfig()
-    kind = family(model)
-    weight = REFERENCE_WEIGHTS[kind] if config.odam_weight is None else config.odam_weight
-    losses = partial(
-        step_losses, weight=weight, clamp=config.cos_clamp, map_stride=config.map_stride
-    )
-    return fit(model, dataset, config, losses, "odam-train", checkpoint_dir, progress, log_every)
+def odam_train_losses(model: nn.Module, config: OdamTrainConfig) -> StepLosses:
+    """``step_losses`` with the settings of ``config`` (the reference weight of the model's
+    family unless ``odam_weight`` is given)."""
+    weight = REFERENCE_WEIGHTS[family(model)] if config.odam_weight is None else config.odam_weight
+    return partial(step_losses, weight=weight, clamp=config.cos_clamp, map_stride=config.map_stride)
+
+
+train_odam = RECIPES.register(
+    "odam-train", FitRecipe("odam-train", OdamTrainConfig, odam_train_losses)
+)
+"""The ``odam-train`` recipe: trains a torchvision FCOS or Faster R-CNN in place and returns
+it in eval mode; checkpoints, resuming, devices and progress as ``training.fit``."""

@@ -252,39 +252,52 @@ def _save(
         torch.save(state, tmp)
 
 
-StepLosses = Callable[[nn.Module, list[torch.Tensor], list[dict[str, torch.Tensor]]], dict]
+Images = list[torch.Tensor]
+"""A batch's images, each (3, H, W) float in [0, 1]."""
+Targets = list[dict[str, torch.Tensor]]
+"""A batch's targets, torchvision's: ``boxes`` (G, 4) x1y1x2y2 input pixels, ``labels`` (G,)."""
+StepLosses = Callable[[nn.Module, Images, Targets], dict]
 """A recipe's loss terms for one batch: ``(model in train mode, images, targets)`` ->
 ``{name: scalar tensor}``, summed into the loss that is minimised."""
 
 
-def detector_losses(
-    model: nn.Module, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]]
-) -> dict[str, torch.Tensor]:
+def detector_losses(model: nn.Module, images: Images, targets: Targets) -> dict[str, torch.Tensor]:
     """The detector's own training losses (torchvision's ``model(images, targets)``)."""
     return model(images, targets)
 
 
-@RECIPES.register("baseline")
-def train(
-    model: nn.Module,
-    dataset: Sequence[Sample],
-    config: BaselineConfig | None = None,
-    checkpoint_dir: str | Path | None = None,
-    progress: bool = True,
-    log_every: int = 0,
-) -> TrainResult:
-    """Train ``model`` in place on ``dataset`` with its own losses and return it in eval
-    mode; see ``fit`` for checkpoints, progress and devices."""
-    return fit(
-        model,
-        dataset,
-        config or BaselineConfig(),
-        detector_losses,
-        "baseline",
-        checkpoint_dir,
-        progress,
-        log_every,
-    )
+@dataclass(frozen=True)
+class FitRecipe:
+    """A registered recipe that trains with ``fit``, minimising the terms of
+    ``losses(model, config)`` (a ``StepLosses``); ``config_type`` is its settings class.
+
+    Called as ``recipe(model, dataset, config=None, checkpoint_dir=None, progress=True,
+    log_every=0)``: trains ``model`` in place (``config`` default: ``config_type()``) and
+    returns a ``TrainResult``, the model in eval mode."""
+
+    name: str
+    config_type: type[BaselineConfig]
+    losses: Callable[[nn.Module, Any], StepLosses]
+
+    def __call__(
+        self,
+        model: nn.Module,
+        dataset: Sequence[Sample],
+        config: BaselineConfig | None = None,
+        checkpoint_dir: str | Path | None = None,
+        progress: bool = True,
+        log_every: int = 0,
+    ) -> TrainResult:
+        config = config or self.config_type()
+        losses = self.losses(model, config)
+        return fit(model, dataset, config, losses, self.name, checkpoint_dir, progress, log_every)
+
+
+train = RECIPES.register(
+    "baseline", FitRecipe("baseline", BaselineConfig, lambda model, config: detector_losses)
+)
+"""The ``baseline`` recipe: the detector's own losses; see ``fit`` for checkpoints, progress
+and devices."""
 
 
 def fit(

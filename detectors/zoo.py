@@ -21,7 +21,7 @@ import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -214,25 +214,24 @@ CROWD_DEMOS: dict[str, DemoSpec] = {
 """The crowd demo detectors (one class, person), trained on the synthetic crowd split; half
 the objects demos' iterations (a crowd iteration costs 1.0-1.1 times an objects one)."""
 
+
+def _odam_trained(base: DemoSpec, about: str) -> DemoSpec:
+    """``base`` (same architecture, initial weights and data) trained with ``odam-train`` for
+    ``ODAM_TRAIN_ITERATIONS`` steps instead."""
+    config = OdamTrainConfig(iterations=ODAM_TRAIN_ITERATIONS[base.mode], **_ADAMW)
+    return replace(base, config=config, recipe="odam-train", about=about)
+
+
 ODAM_TRAIN_DEMOS: dict[str, DemoSpec] = {
-    "synthetic-fcos-odamtrain": DemoSpec(
-        build_small_fcos,
-        OdamTrainConfig(iterations=ODAM_TRAIN_ITERATIONS["objects"], **_ADAMW),
-        about=(
-            "``synthetic-fcos``'s architecture, initial weights and data, trained with Odam-Train "
-            "(``odam-train``, weight 0.5)"
-        ),
-        recipe="odam-train",
+    "synthetic-fcos-odamtrain": _odam_trained(
+        DEMOS["synthetic-fcos"],
+        "``synthetic-fcos``'s architecture, initial weights and data, trained with Odam-Train "
+        "(``odam-train``, weight 0.5)",
     ),
-    "synthetic-crowd-fcos-odamtrain": DemoSpec(
-        build_small_fcos,
-        OdamTrainConfig(iterations=ODAM_TRAIN_ITERATIONS["crowd"], **_ADAMW),
-        about=(
-            "``synthetic-crowd-fcos`` trained with Odam-Train instead (for Odam-NMS with and "
-            "without Odam-Train)"
-        ),
-        mode="crowd",
-        recipe="odam-train",
+    "synthetic-crowd-fcos-odamtrain": _odam_trained(
+        CROWD_DEMOS["synthetic-crowd-fcos"],
+        "``synthetic-crowd-fcos`` trained with Odam-Train instead (for Odam-NMS with and "
+        "without Odam-Train)",
     ),
 }
 """The demo FCOS of each synthetic split trained with ``odam-train`` (reference weight 0.5)

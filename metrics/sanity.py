@@ -1,8 +1,9 @@
 """Sanity checks by model parameter randomisation (Adebayo et al., NeurIPS 2018).
 
-The detector's parameters are grouped into blocks by module path (``depth`` leading name
-components, e.g. ``backbone.body.layer2``, ``head.classification_head.cls_logits``), in the
-order the modules are registered (input to head). ``cascading`` re-initialises the blocks
+The detector's parameters are grouped into blocks (``Detector.parameter_blocks``; by default
+by module path, ``depth`` leading name components, e.g. ``backbone.body.layer2``,
+``head.classification_head.cls_logits``, in the order the modules are registered: input to
+head). ``cascading`` re-initialises the blocks
 from the head towards the input, cumulatively; ``independent`` one block at a time. After each
 step the same output units (same provenance: ``Detector.trace_units``) are explained again and
 compared with their maps before randomisation by Spearman rank correlation (of the maps and of
@@ -38,6 +39,7 @@ from torch import nn
 from torchvision.ops import box_iou
 
 from xaibench.detector import Detector
+from xaibench.detector import parameter_blocks as parameter_blocks  # re-exported
 from xaibench.method import ExplanationMethod
 from xaibench.metric import Curve, ExplainedBatch, Metric, MetricResult
 from xaibench.plots import plot_curves
@@ -107,18 +109,6 @@ def compared_region(heat: np.ndarray, box: np.ndarray | None) -> np.ndarray:
 
 
 # -- randomisation --------------------------------------------------------------------------
-
-
-def parameter_blocks(module: nn.Module, depth: int = 3) -> list[tuple[str, list[str]]]:
-    """Blocks of modules that hold parameters, named by the first ``depth`` components of the
-    module path, in registration order (input to head): [(block, [module names])]."""
-    if depth < 1:
-        raise ValueError(f"depth must be >= 1, got {depth}")
-    blocks: dict[str, list[str]] = {}
-    for name, m in module.named_modules():
-        if name and any(True for _ in m.parameters(recurse=False)):
-            blocks.setdefault(".".join(name.split(".")[:depth]), []).append(name)
-    return list(blocks.items())
 
 
 def randomisation_steps(
@@ -248,7 +238,13 @@ def sanity_check(
     boxes = [units.boxes[t.index].cpu().numpy() if region == "box" else None for t in targets]
     if before is None:
         before = [s.map for s in method.explain(detector, image, targets, trace=trace)]
-    steps = randomisation_steps(parameter_blocks(module, depth), mode)
+    blocks = detector.parameter_blocks(depth)
+    if not blocks:
+        raise ValueError(
+            f"{detector.name} declares no parameter blocks (its torch_module() holds no "
+            "parameters in submodules): override Detector.parameter_blocks"
+        )
+    steps = randomisation_steps(blocks, mode)
     similarity = {m: np.full((len(targets), len(steps)), np.nan) for m in MEASURES}
     reasons = np.full((len(targets), len(steps)), None, dtype=object)
     unit = "provenance"
@@ -342,8 +338,12 @@ class SanityCheck(Metric):
     ) -> MetricResult:
         self._require(detector, method)
         assert detector is not None and method is not None
+        skipped = None
         if self.methods is not None and method.name not in self.methods:
             skipped = f"sanity checks are limited to {', '.join(self.methods)}"
+        elif not detector.parameter_blocks(self.depth):
+            skipped = f"{detector.name} declares no parameter blocks to re-initialise"
+        if skipped is not None:
             nan = np.full(len(batch), np.nan)
             return MetricResult.build(
                 {f"sanity_{m}": nan for m in MEASURES},

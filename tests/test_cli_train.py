@@ -9,11 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from pydantic import Field
 from typer.testing import CliRunner
+from xaibench.detectors.training import BaselineConfig, FitRecipe, detector_losses
 
 from xaibench.cli import app
 from xaibench.datasets.coco import CocoDataset
 from xaibench.datasets.synthetic import generate_synthetic
+from xaibench.registry import RECIPES
 from xaibench.types import Sample
 
 runner = CliRunner()
@@ -116,6 +119,38 @@ def test_resume_without_a_checkpoint_and_bad_settings_are_refused(scenes, tmp_pa
     assert result.exit_code == 2 and "lr" in _text(result.output)
     result = runner.invoke(app, ["train", "featurenms-embedding", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "does not train a detector module" in _text(result.output)
+
+
+class ScaledConfig(BaselineConfig):
+    scale: float = Field(1.0, gt=0, description="factor on the detector's losses")
+
+
+SCALES_SEEN: list[float] = []
+
+
+def scaled_losses(model: torch.nn.Module, config: ScaledConfig):
+    """A new recipe's losses: the detector's own, times ``config.scale``."""
+    SCALES_SEEN.append(config.scale)
+
+    def losses(model, images, targets):
+        terms = detector_losses(model, images, targets)
+        return {name: config.scale * value for name, value in terms.items()}
+
+    return losses
+
+
+RECIPES.register("scaled-baseline", FitRecipe("scaled-baseline", ScaledConfig, scaled_losses))
+
+
+def test_a_new_recipe_is_one_fit_recipe_registration(scenes, tmp_path: Path) -> None:
+    args = _args(scenes, tmp_path / "run", recipe="scaled-baseline")
+    result = runner.invoke(app, [*args, "--set", "scale=0.5"])
+    assert result.exit_code == 0, result.output
+    assert SCALES_SEEN == [0.5]
+    info = json.loads((tmp_path / "run" / "info.json").read_text())
+    assert info["recipe"] == "scaled-baseline" and info["config"]["scale"] == 0.5
+    bad = runner.invoke(app, [*_args(scenes, tmp_path / "bad", "scaled-baseline"), "-s", "scale=0"])
+    assert bad.exit_code == 2 and "scale" in _text(bad.output) and SCALES_SEEN == [0.5]
 
 
 @pytest.mark.parametrize(

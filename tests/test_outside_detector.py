@@ -324,3 +324,44 @@ def test_sanity_checks_randomise_the_models_modules_from_the_head(centernet) -> 
     spearman = curve.similarity["spearman"][0]
     assert spearman[:2].tolist() == pytest.approx([1.0, 1.0])
     assert spearman[-1] < 0.9
+
+
+class GroupedBlocks(DenseDetector):
+    """A detector that declares its own blocks for sanity checks: the feature extractor as
+    one, then the heat-map head, then the box outputs the score never reads."""
+
+    def parameter_blocks(self, depth: int = 3) -> list[tuple[str, list[str]]]:
+        return [
+            ("features", ["stem.0", "down.0", "tower.0"]),
+            ("heat", ["heat"]),
+            ("box", ["size", "offset"]),
+        ]
+
+
+class NoBlocks(DenseDetector):
+    def parameter_blocks(self, depth: int = 3) -> list[tuple[str, list[str]]]:
+        return []
+
+
+def test_sanity_checks_follow_the_blocks_a_detector_declares(centernet) -> None:
+    from xaibench.methods.odam import ODAM
+    from xaibench.metrics.sanity import SanityCheck, sanity_check
+
+    from xaibench.metric import ExplainedBatch
+
+    built, image = hand_built(centernet), two_squares()
+    detector = GroupedBlocks(built.model, built.class_names)
+    curve = sanity_check(detector, ODAM(), image, [Target(0)], region="image")
+    assert curve.steps == ["box", "heat", "features"]
+    spearman = curve.similarity["spearman"][0]
+    assert spearman[0] == pytest.approx(1.0) and spearman[-1] < 0.9
+
+    blind = NoBlocks(built.model, built.class_names, name="blind")
+    with pytest.raises(ValueError, match="blind declares no parameter blocks"):
+        sanity_check(blind, ODAM(), image, [Target(0)])
+    trace = blind.trace(image)
+    maps = np.stack([s.map for s in ODAM().explain(blind, image, [Target(0)], trace=trace)])
+    batch = ExplainedBatch(image, maps, [Target(0)], trace.detections, [], np.array([-1]))
+    result = SanityCheck().compute(batch, blind, ODAM())
+    assert np.isnan(result.values["sanity_spearman"]).all()
+    assert "no parameter blocks" in result.reasons["sanity_spearman"][0]

@@ -198,6 +198,14 @@ class Detector(ABC):
             )
         return model
 
+    def parameter_blocks(self, depth: int = 3) -> list[tuple[str, list[str]]]:
+        """The blocks sanity checks re-initialise, input to head: [(label, [names of
+        submodules of ``torch_module()``])]. The default groups the submodules that hold
+        parameters by the first ``depth`` components of their path, in registration order
+        (``parameter_blocks``); a detector whose registration order is not input to head, or
+        whose parameters group otherwise, overrides this."""
+        return parameter_blocks(self.torch_module(), depth)
+
     def trace_candidates(self, image: np.ndarray) -> WhiteBoxTrace:
         """A trace whose detections are the image's pre-NMS candidates (those of
         ``detect([image], nms=False)``), for strategies that explain every candidate
@@ -220,6 +228,19 @@ class Detector(ABC):
         trace = self.trace(image)
         trace.detections = units
         return trace
+
+
+def parameter_blocks(module: torch.nn.Module, depth: int = 3) -> list[tuple[str, list[str]]]:
+    """Blocks of modules that hold parameters, named by the first ``depth`` components of the
+    module path, in registration order: [(block, [module names])]. Parameters held by
+    ``module`` itself (not by a submodule) belong to no block."""
+    if depth < 1:
+        raise ValueError(f"depth must be >= 1, got {depth}")
+    blocks: dict[str, list[str]] = {}
+    for name, m in module.named_modules():
+        if name and any(True for _ in m.parameters(recurse=False)):
+            blocks.setdefault(".".join(name.split(".")[:depth]), []).append(name)
+    return list(blocks.items())
 
 
 def expand_targets(targets: Sequence[Target]) -> tuple[list[Target], list[list[int]]]:

@@ -52,7 +52,10 @@ def load_split(dataset: str, images: Path | None, split: str) -> Any:
 
 def config_class(recipe: Any, name: str) -> type[BaseModel]:
     """The pydantic config class of a recipe ``(model, dataset, config, checkpoint_dir,
-    progress, log_every)``, read from its type hints; recipes of another shape are refused."""
+    progress, log_every)``: its ``config_type`` (a ``FitRecipe``), else read from its type
+    hints; recipes of another shape are refused."""
+    if isinstance(getattr(recipe, "config_type", None), type):
+        return recipe.config_type
     hints = typing.get_type_hints(recipe)
     first = next(iter(hints.values()), None)
     config = hints.get("config")
