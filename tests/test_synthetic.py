@@ -142,3 +142,24 @@ def test_arguments_are_validated(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
         generate_synthetic(**arguments)
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_an_interrupted_image_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    """Images are written whole or not at all: two processes generating one split (two
+    ``xaibench run`` on one store) never read an image the other is half-way through."""
+    from PIL import Image
+
+    own_save = Image.Image.save
+    calls = []
+
+    def save_then_fail(self, fp, *args, **kwargs):
+        calls.append(fp)
+        if len(calls) == 2:  # the second image: some bytes, then the process "dies"
+            Path(fp).write_bytes(b"\x89PNG\r\n\x1a\n half")
+            raise OSError("disk full")
+        return own_save(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", save_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        generate_synthetic(tmp_path, 3, seed=1)
+    assert sorted(p.name for p in (tmp_path / "train").iterdir()) == ["000000.png"]

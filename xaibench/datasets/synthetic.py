@@ -183,7 +183,8 @@ def generate_synthetic(
     for index in range(num_images):
         scene = out.scene(index)
         file_name = out.file_name(index)
-        Image.fromarray(scene.image).save(out.images_dir / file_name, format="PNG")
+        with atomic_write(out.images_dir / file_name) as tmp:  # a reader never sees half
+            Image.fromarray(scene.image).save(tmp, format="PNG")
         height, width = out.image_size
         images.append({"id": index + 1, "file_name": file_name, "width": width, "height": height})
         for obj in scene.objects:
