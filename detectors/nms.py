@@ -27,7 +27,7 @@ image)`` is the whole pipeline (detector included, what ``xaibench nms`` times);
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -93,30 +93,27 @@ def keep_non_duplicates(
     return keep, candidates.scores[keep]
 
 
+@dataclass(kw_only=True, eq=False)
 class NMSStrategy(ABC):
-    """Duplicate removal on pre-NMS candidates, per class; see the module docstring."""
+    """Duplicate removal on pre-NMS candidates, per class; see the module docstring.
+
+    A strategy's settings are its dataclass fields (keyword-only; a subclass adds its own
+    after its parent's), checked in ``__post_init__``; ``params`` records them."""
 
     name: ClassVar[str] = "strategy"
-    settings: ClassVar[tuple[str, ...]] = ("iou_threshold", "score_threshold", "max_detections")
-    """The attributes ``params`` records, in order (a subclass extends its parent's)."""
+    iou_threshold: float = IOU_THRESHOLD
+    score_threshold: float = SCORE_THRESHOLD
+    max_detections: int | None = None
 
-    def __init__(
-        self,
-        iou_threshold: float = IOU_THRESHOLD,
-        score_threshold: float = SCORE_THRESHOLD,
-        max_detections: int | None = None,
-    ) -> None:
-        if not 0.0 <= iou_threshold <= 1.0:
-            raise ValueError(f"iou_threshold must be in [0, 1], got {iou_threshold}")
-        if max_detections is not None and max_detections < 1:
-            raise ValueError(f"max_detections must be >= 1 or None, got {max_detections}")
-        self.iou_threshold = iou_threshold
-        self.score_threshold = score_threshold
-        self.max_detections = max_detections
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.iou_threshold <= 1.0:
+            raise ValueError(f"iou_threshold must be in [0, 1], got {self.iou_threshold}")
+        if self.max_detections is not None and self.max_detections < 1:
+            raise ValueError(f"max_detections must be >= 1 or None, got {self.max_detections}")
 
     def params(self) -> dict[str, Any]:
-        """The settings (recorded with every result row)."""
-        return {name: getattr(self, name) for name in self.settings}
+        """The settings (recorded with every result row), in field order."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
 
     def run(self, detector: Detector, image: np.ndarray) -> NMSOutput:
         """The whole pipeline on one uint8 RGB image: candidates, then ``select``."""
@@ -160,6 +157,7 @@ class NMSStrategy(ABC):
 
 
 @NMS.register("none")
+@dataclass(kw_only=True, eq=False)
 class NoSuppression(NMSStrategy):
     """Keeps every candidate above the score threshold: the "without NMS" reference."""
 
@@ -170,6 +168,7 @@ class NoSuppression(NMSStrategy):
 
 
 @NMS.register("nms")
+@dataclass(kw_only=True, eq=False)
 class ClassicNMS(NMSStrategy):
     """Classic NMS per class (torchvision ``batched_nms``)."""
 
@@ -183,28 +182,22 @@ class ClassicNMS(NMSStrategy):
 
 
 @NMS.register("softnms")
+@dataclass(kw_only=True, eq=False)
 class SoftNMS(NMSStrategy):
     """Soft-NMS per class; torchvision has no op for it, so the loop is here (one IoU matrix,
     one argmax per kept candidate)."""
 
     name = "softnms"
-    settings = (*NMSStrategy.settings, "method", "sigma", "final_threshold")
+    method: Literal["gaussian", "linear"] = "gaussian"
+    sigma: float = 0.5
+    final_threshold: float = 0.05
 
-    def __init__(
-        self,
-        method: Literal["gaussian", "linear"] = "gaussian",
-        sigma: float = 0.5,
-        final_threshold: float = 0.05,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(**kwargs)
-        if method not in ("gaussian", "linear"):
-            raise ValueError(f"method must be 'gaussian' or 'linear', got {method!r}")
-        if sigma <= 0:
-            raise ValueError(f"sigma must be > 0, got {sigma}")
-        self.method = method
-        self.sigma = sigma
-        self.final_threshold = final_threshold
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.method not in ("gaussian", "linear"):
+            raise ValueError(f"method must be 'gaussian' or 'linear', got {self.method!r}")
+        if self.sigma <= 0:
+            raise ValueError(f"sigma must be > 0, got {self.sigma}")
 
     def decay(self, iou: torch.Tensor) -> torch.Tensor:
         """Score factor for the given IoUs with the candidate just kept."""
@@ -264,33 +257,26 @@ def odam_duplicates(
 
 
 @NMS.register("odamnms")
+@dataclass(kw_only=True, eq=False)
 class OdamNMS(NMSStrategy):
     """Odam-NMS (paper Algorithm 1); ``iou_threshold`` is T_iou, ``t_high``/``t_low`` the
     correlation thresholds; ``odam`` holds settings of the ``odam`` method (default: score
     maps on the FPN level of each prediction, fast path)."""
 
     name = "odamnms"
-    settings = (*NMSStrategy.settings, "t_high", "t_low", "short_edge", "correlation")
+    t_high: float = 0.8
+    t_low: float = 0.2
+    short_edge: int = 50
+    correlation: Literal["cosine", "pearson"] = "cosine"
+    odam: dict[str, Any] | None = None
 
-    def __init__(
-        self,
-        t_high: float = 0.8,
-        t_low: float = 0.2,
-        short_edge: int = 50,
-        correlation: Literal["cosine", "pearson"] = "cosine",
-        odam: dict[str, Any] | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(**kwargs)
-        if short_edge < 1:
-            raise ValueError(f"short_edge must be >= 1, got {short_edge}")
-        if correlation not in ("cosine", "pearson"):
-            raise ValueError(f"correlation must be 'cosine' or 'pearson', got {correlation!r}")
-        self.t_high = t_high
-        self.t_low = t_low
-        self.short_edge = short_edge
-        self.correlation = correlation
-        self.odam = dict(odam or {})
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.short_edge < 1:
+            raise ValueError(f"short_edge must be >= 1, got {self.short_edge}")
+        if self.correlation not in ("cosine", "pearson"):
+            raise ValueError(f"correlation must be 'cosine' or 'pearson', got {self.correlation!r}")
+        self.odam = dict(self.odam or {})
         self.method = METHODS.build("odam", **self.odam)
 
     def params(self) -> dict[str, Any]:
@@ -354,28 +340,23 @@ def feature_duplicates(
 
 
 @NMS.register("featurenms")
+@dataclass(kw_only=True, eq=False)
 class FeatureNMS(NMSStrategy):
     """FeatureNMS with the detector's trained embedding head; ``embedding``: its file (default
     ``<cache>/detectors/<detector>/featurenms-embedding.pt``, trained on first use for the
     crowd demo detectors)."""
 
     name = "featurenms"
-    settings = (*NMSStrategy.settings, "high", "low", "distance", "embedding")
+    high: float = 0.9
+    low: float = 0.1
+    distance: float = 1.0
+    embedding: str | None = None
+    _heads: dict[int, Any] = field(default_factory=dict, init=False, repr=False)
 
-    def __init__(
-        self,
-        high: float = 0.9,
-        low: float = 0.1,
-        distance: float = 1.0,
-        embedding: str | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(**kwargs)
-        if not 0.0 <= low <= high <= 1.0:
-            raise ValueError(f"need 0 <= low <= high <= 1, got low={low}, high={high}")
-        self.high, self.low, self.distance = high, low, distance
-        self.embedding = embedding
-        self._heads: dict[int, Any] = {}
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.low <= self.high <= 1.0:
+            raise ValueError(f"need 0 <= low <= high <= 1, got low={self.low}, high={self.high}")
 
     def head(self, detector: Detector) -> Any:
         """The detector's embedding head (loaded once per detector)."""

@@ -97,6 +97,10 @@ class PositiveMaps:
     rows: torch.Tensor | None = None
 
 
+LossesAndMaps = tuple[dict[str, torch.Tensor], list[PositiveMaps]]
+"""A batch's detector training losses by name and, per image, its positives' maps."""
+
+
 def consistency_separation(
     maps: torch.Tensor, owner: torch.Tensor, quality: torch.Tensor, clamp: float = 1e-4
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -155,11 +159,8 @@ def _valid(size: tuple[int, int], stride: int) -> tuple[int, int]:
 
 
 def fcos_losses_and_maps(
-    model: FCOS,
-    images: Images,
-    targets: Targets,
-    map_stride: int = 8,
-) -> tuple[dict[str, torch.Tensor], list[PositiveMaps]]:
+    model: FCOS, images: Images, targets: Targets, map_stride: int = 8
+) -> LossesAndMaps:
     """torchvision FCOS's training losses and, per image, the differentiable ODAM maps of
     its positive locations' scores (see the module docstring)."""
     image_list, targets = model.transform(images, targets)
@@ -275,11 +276,8 @@ def _fcos_level_maps(head, level, raw, records, feature, ys, xs, labels, grid):
 
 
 def frcnn_losses_and_maps(
-    model: FasterRCNN,
-    images: Images,
-    targets: Targets,
-    map_stride: int = 8,
-) -> tuple[dict[str, torch.Tensor], list[PositiveMaps]]:
+    model: FasterRCNN, images: Images, targets: Targets, map_stride: int = 8
+) -> LossesAndMaps:
     """torchvision Faster R-CNN's training losses and, per image, the differentiable ODAM
     maps (RoI-pooled features) of its positive sampled RoIs' class scores."""
     image_list, targets = model.transform(images, targets)
