@@ -30,12 +30,12 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torchvision.ops import box_iou
-from tqdm.auto import tqdm
 from xaibench.detectors.network import Features, NetworkDetector
 from xaibench.detectors.roi import RoINetwork
 
 from xaibench import cache
 from xaibench.detector import Detector
+from xaibench.progress import progress_bar
 from xaibench.registry import RECIPES
 from xaibench.types import Detections, Sample
 
@@ -277,7 +277,9 @@ def train_embedding(
     losses: list[float] = []
     start = time.perf_counter()
     model.eval()
-    with tqdm(total=config.iterations, desc="featurenms-embedding", disable=not progress) as bar:
+    with progress_bar(
+        total=config.iterations, desc="featurenms-embedding", disable=not progress
+    ) as bar:
         for _step in range(config.iterations):
             total = head.mlp[0].weight.sum() * 0.0
             for index in rng.integers(0, len(dataset), config.batch_size):

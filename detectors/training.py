@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
-from tqdm.auto import tqdm
 
 from xaibench.cache import atomic_write
+from xaibench.progress import progress_bar
 from xaibench.registry import RECIPES
 from xaibench.types import Sample
 
@@ -339,7 +339,7 @@ def fit(
 
     start = time.perf_counter() - previous_seconds
     smoothed: dict[str, float] = {}
-    with tqdm(total=total, initial=step, desc=name, disable=not progress) as bar:
+    with progress_bar(total=total, initial=step, desc=name, disable=not progress) as bar:
         while step < total:
             indices = batch_indices(step, config.batch_size, len(dataset), config.seed)
             flips = _flips(step, config.batch_size, config.hflip, config.seed)

@@ -17,7 +17,6 @@ import json
 import platform
 import shutil
 import statistics
-import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -47,6 +46,7 @@ from xaibench.coco_eval import evaluate_coco
 from xaibench.datasets.coco import CocoDataset
 from xaibench.datasets.synthetic import CLASS_NAMES, CROWD_CLASS_NAMES, load_synthetic
 from xaibench.detector import Detector
+from xaibench.progress import say
 from xaibench.registry import DETECTORS, RECIPES
 
 WIDTHS = (16, 32, 64, 96, 128)
@@ -81,46 +81,40 @@ def small_backbone(
 
 
 def build_small_fcos(
-    num_classes: int,
-    image_size: int = 160,
-    head_convs: int = 2,
-    widths: tuple[int, ...] = WIDTHS,
-    fpn_channels: int = FPN_CHANNELS,
+    num_classes: int, image_size: int = 160, head_convs: int = 2, **backbone: Any
 ) -> FCOS:
-    """A small FCOS for ``image_size`` px images; ``num_classes`` includes the background.
+    """A small FCOS for ``image_size`` px images; ``num_classes`` includes the background;
+    ``backbone``: ``small_backbone``'s ``widths`` and ``fpn_channels``.
 
     Anchor sizes are half the strides and the centre-sampling radius is doubled, so objects
     reaching up to 32 px from a location go to stride 8, up to 64 px to stride 16, with the
     usual sampling radius of 1.5 strides.
     """
-    backbone = small_backbone(widths, fpn_channels)
+    body = small_backbone(**backbone)
     anchors = AnchorGenerator(((4,), (8,), (16,), (32,)), ((1.0,),) * 4)
     return FCOS(
-        backbone,
+        body,
         num_classes,
         min_size=image_size,
         max_size=image_size,
         anchor_generator=anchors,
-        head=FCOSHead(backbone.out_channels, 1, num_classes, num_convs=head_convs),
+        head=FCOSHead(body.out_channels, 1, num_classes, num_convs=head_convs),
         center_sampling_radius=3.0,
         score_thresh=0.05,
     )
 
 
 def build_small_frcnn(
-    num_classes: int,
-    image_size: int = 160,
-    representation: int = 256,
-    widths: tuple[int, ...] = WIDTHS,
-    fpn_channels: int = FPN_CHANNELS,
+    num_classes: int, image_size: int = 160, representation: int = 256, **backbone: Any
 ) -> FasterRCNN:
     """A small Faster R-CNN for ``image_size`` px images; ``num_classes`` includes the
-    background; ``representation`` is the width of the box head's two fully connected layers."""
-    backbone = small_backbone(widths, fpn_channels)
+    background; ``representation`` is the width of the box head's two fully connected layers;
+    ``backbone``: ``small_backbone``'s ``widths`` and ``fpn_channels``."""
+    body = small_backbone(**backbone)
     anchors = AnchorGenerator(((16,), (32,), (64,), (128,)), ((0.5, 1.0, 2.0),) * 4)
     roi_pool = MultiScaleRoIAlign(["0", "1", "2"], output_size=7, sampling_ratio=1)
     return FasterRCNN(
-        backbone,
+        body,
         min_size=image_size,
         max_size=image_size,
         rpn_anchor_generator=anchors,
@@ -130,7 +124,7 @@ def build_small_frcnn(
         rpn_post_nms_top_n_test=100,
         rpn_batch_size_per_image=128,
         box_roi_pool=roi_pool,
-        box_head=TwoMLPHead(backbone.out_channels * 7 * 7, representation),
+        box_head=TwoMLPHead(body.out_channels * 7 * 7, representation),
         box_predictor=FastRCNNPredictor(representation, num_classes),
         box_batch_size_per_image=64,
     )
@@ -191,28 +185,21 @@ DEMOS: dict[str, DemoSpec] = {
 }
 
 
+def _crowd(base: DemoSpec, about: str) -> DemoSpec:
+    """``base``'s architecture and recipe on the synthetic crowd split, for half its
+    iterations (a crowd iteration costs 1.0-1.1 times an objects one)."""
+    config = base.config.model_copy(update={"iterations": base.config.iterations // 2})
+    return replace(base, config=config, mode="crowd", about=about)
+
+
+_FOR_NMS = (
+    "trained from scratch on synthetic crowds (one class, person), for comparing NMS strategies"
+)
 CROWD_DEMOS: dict[str, DemoSpec] = {
-    "synthetic-crowd-fcos": DemoSpec(
-        build_small_fcos,
-        BaselineConfig(iterations=2500, **_ADAMW),
-        about=(
-            "Small FCOS trained from scratch on synthetic crowds (one class, person), for "
-            "comparing NMS strategies"
-        ),
-        mode="crowd",
-    ),
-    "synthetic-crowd-frcnn": DemoSpec(
-        build_small_frcnn,
-        BaselineConfig(iterations=1500, **_ADAMW),
-        about=(
-            "Small Faster R-CNN trained from scratch on synthetic crowds (one class, person), for "
-            "comparing NMS strategies"
-        ),
-        mode="crowd",
-    ),
+    "synthetic-crowd-fcos": _crowd(DEMOS["synthetic-fcos"], f"Small FCOS {_FOR_NMS}"),
+    "synthetic-crowd-frcnn": _crowd(DEMOS["synthetic-frcnn"], f"Small Faster R-CNN {_FOR_NMS}"),
 }
-"""The crowd demo detectors (one class, person), trained on the synthetic crowd split; half
-the objects demos' iterations (a crowd iteration costs 1.0-1.1 times an objects one)."""
+"""The crowd demo detectors (one class, person), trained on the synthetic crowd split."""
 
 
 def _odam_trained(base: DemoSpec, about: str) -> DemoSpec:
@@ -346,11 +333,6 @@ def _train_demo(
         f"cached in {folder}"
     )
     return detector
-
-
-def say(line: str) -> None:
-    """One line on stderr, shown even where progress bars are off (pytest -s, CI logs)."""
-    print(line, file=sys.stderr, flush=True)
 
 
 def _small_builder(build: Callable[..., nn.Module], name: str) -> Callable[..., Detector]:

@@ -52,11 +52,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision.transforms.functional import gaussian_blur
-from tqdm.auto import tqdm
 
 from xaibench.detector import Detector, WhiteBoxTrace
 from xaibench.images import to_rgb_uint8
 from xaibench.method import ExplanationMethod, detection_indices
+from xaibench.progress import progress_bar
 from xaibench.registry import METHODS
 from xaibench.types import Saliency, Target
 
@@ -207,7 +207,9 @@ class BBAM(ExplanationMethod):
         masks = [self.initial_mask(b, size).to(pixels.device).requires_grad_(True) for b in boxes]
         optimizer = torch.optim.Adam(masks, lr=self.lr)
         label = f"{self.name} detections {indices[0]}-{indices[-1]}"
-        for _ in tqdm(range(self.iterations), desc=label, disable=not self.progress, leave=False):
+        for _ in progress_bar(
+            iterable=range(self.iterations), desc=label, disable=not self.progress, leave=False
+        ):
             with torch.enable_grad():
                 up = self.upsample(masks, size)
                 perturbed = pixels * up + background * (1 - up)

@@ -33,12 +33,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision.ops import box_iou
-from tqdm.auto import tqdm
 
 from xaibench.detector import Detector, WhiteBoxTrace
 from xaibench.feature_masks import check_masks
 from xaibench.images import to_rgb_uint8
 from xaibench.method import ExplanationMethod, detection_indices
+from xaibench.progress import progress_bar
 from xaibench.registry import METHODS
 from xaibench.types import Detections, Saliency, Target
 
@@ -281,7 +281,7 @@ class DRISE(ExplanationMethod):
         weight_sum = torch.zeros(len(boxes), dtype=torch.float64)
         previous: torch.Tensor | None = None
         last_check = used = 0
-        with tqdm(
+        with progress_bar(
             total=len(masks), desc=self.name, unit="mask", disable=not self.progress, leave=False
         ) as bar:
             while used < len(masks):
