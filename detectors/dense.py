@@ -7,14 +7,15 @@ box deltas. The framework adapter (``DenseNetwork``) supplies the head's modules
 score and box, and the post-processing with provenance (level, cell, anchor, class). The trace
 (``DenseNetworkTrace``) explains any unit from those; its fast path back-propagates all targets at
 once on windows of their levels (``detectors/local_head.py``, which also owns the GroupNorm
-guard).
+guard), or, for a plain head that declares its ``window``, on crops the head re-runs on (the
+outside adapter, ``xaibench.adapter.DenseDetector``).
 """
 
 from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -29,6 +30,22 @@ RawOutputs = list[dict[str, torch.Tensor]]
 """Per level, the head's raw output maps {name: (N, A * C_out, h, w)}."""
 
 
+class DenseUnits(NamedTuple):
+    """Output units of a dense head, (T,) each, as ``Provenance`` names them: ``level``
+    (index into ``feature_levels``), cell ``y``/``x`` on it, ``anchor`` and ``class_index``;
+    and each unit's ``anchor_boxes`` (T, 4) xyxy in resized-input pixels."""
+
+    level: torch.Tensor
+    y: torch.Tensor
+    x: torch.Tensor
+    anchor: torch.Tensor
+    class_index: torch.Tensor
+    anchor_boxes: torch.Tensor
+
+    def take(self, rows: list[int]) -> DenseUnits:
+        return DenseUnits(*(u[rows] for u in self))
+
+
 class DenseNetwork(NetworkDetector):
     """The adapter of a one-stage detector (on top of ``NetworkDetector``'s).
 
@@ -38,7 +55,13 @@ class DenseNetwork(NetworkDetector):
 
     num_anchors: int
     local_head: LocalConvHead | None
-    """The head's branches as a ``LocalConvHead`` (fast path), or None (exact path only)."""
+    """The head's branches as a ``LocalConvHead`` (fast path), or None."""
+    window: int | None = None
+    """Without a local head: R (cells) where the plain head's output at a cell depends only on
+    the (2R+1)^2 cells of its level around it and running the head on a crop gives the same
+    outputs at the crop's inner cells (stride-1 convolutions with zero "same" padding,
+    point-wise layers, no normalisation over space); the fast path then re-runs the head on
+    crops. None: exact path only."""
 
     @abstractmethod
     def anchors(self, inputs: Any, levels: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -47,16 +70,11 @@ class DenseNetwork(NetworkDetector):
 
     @abstractmethod
     def unit_outputs(
-        self,
-        cells: dict[str, torch.Tensor],
-        anchor: torch.Tensor,
-        class_index: torch.Tensor,
-        anchor_boxes: torch.Tensor,
+        self, cells: dict[str, torch.Tensor], units: DenseUnits
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Differentiable score (T,), decoded box (T, 4, resized-input pixels) and class
-        probabilities (T, K + 1, the columns of ``Detections.class_probs``) of each unit from
-        its cell's raw outputs ({name: (T, A * C_out)}), its anchor (T,), class
-        (``Provenance.class_index``, T) and anchor box (T, 4)."""
+        probabilities (T, K + 1, the columns of ``Detections.class_probs``) of each of the
+        ``units`` from its cell's raw outputs ({name: (T, A * C_out)})."""
 
     @abstractmethod
     def postprocess(
@@ -156,13 +174,16 @@ class DenseNetworkTrace(NetworkTrace):
             self.detections = detector.postprocess(self.raw, self.anchors, self.geometry, 0, nms)
 
     def _has_fast_path(self, layer: str) -> bool:
-        return self.detector.local_head is not None and self._is_level(layer)
+        windowed = self.detector.local_head is not None or self.detector.window is not None
+        return windowed and self._is_level(layer)
 
-    def _units(self, targets: Sequence[Target]) -> tuple[torch.Tensor, ...]:
-        """Each target's unit: level, y, x, anchor, class_index (T,) each."""
+    def _units(self, targets: Sequence[Target]) -> DenseUnits:
+        """Each target's output unit."""
         p = self.detections.provenance
         det = torch.tensor([t.index for t in targets], dtype=torch.long, device=p.level.device)
-        return p.level[det], p.y[det], p.x[det], p.anchor[det], p.class_index[det]
+        level, y, x, anchor = p.level[det], p.y[det], p.x[det], p.anchor[det]
+        boxes = self._anchor_boxes(level, y, x, anchor)
+        return DenseUnits(level, y, x, anchor, p.class_index[det], boxes)
 
     def _anchor_boxes(self, level, y, x, anchor) -> torch.Tensor:
         """(T, 4) anchor box of each unit, resized-input pixels."""
@@ -177,23 +198,22 @@ class DenseNetworkTrace(NetworkTrace):
     def _cells(
         raw: dict[int, dict[str, torch.Tensor]], level, y, x, batch: list[int]
     ) -> dict[str, torch.Tensor]:
-        """Each unit's raw outputs at its cell, {name: (T, A * C_out)} (row ``batch[t]``)."""
-        names = next(iter(raw.values())).keys()
-        return {
-            name: torch.stack(
-                [
-                    raw[int(lv)][name][b, :, int(yy), int(xx)]
-                    for b, lv, yy, xx in zip(batch, level, y, x, strict=True)
-                ]
-            )
-            for name in names
-        }
+        """Each unit's raw outputs at its cell, {name: (T, A * C_out)} (row ``batch[t]``):
+        one indexing per level and output."""
+        b = torch.as_tensor(batch, dtype=torch.long, device=level.device)
+        levels = level.unique().tolist()
+        rows = [torch.where(level == lv)[0] for lv in levels]
+        order = torch.argsort(torch.cat(rows))  # from level groups back to target order
+        out = {}
+        for name in next(iter(raw.values())):
+            picked = [
+                raw[lv][name][b[r], :, y[r], x[r]] for lv, r in zip(levels, rows, strict=True)
+            ]
+            out[name] = torch.cat(picked)[order]
+        return out
 
-    def _unit_values(self, cells, targets: Sequence[Target], units) -> torch.Tensor:
-        level, y, x, anchor, cls = units
-        boxes = self._anchor_boxes(level, y, x, anchor)
-        outputs = self.detector.unit_outputs(cells, anchor, cls, boxes)
-        return self._unit_targets(targets, *outputs)
+    def _unit_values(self, cells, targets: Sequence[Target], units: DenseUnits) -> torch.Tensor:
+        return self._unit_targets(targets, *self.detector.unit_outputs(cells, units))
 
     def _values(self, features, targets, batch=None):
         units = self._units(targets)
@@ -207,6 +227,8 @@ class DenseNetworkTrace(NetworkTrace):
         return self._unit_values(cells, targets, units)
 
     def _fast(self, targets, layer, margin):
+        if self.detector.local_head is None:
+            return self._crop_windows(targets, layer, margin)
         units = self._units(targets)
         level, y, x = units[:3]
         recorded = self._cells(dict(enumerate(self.raw)), level, y, x, [0] * len(targets))
@@ -258,4 +280,41 @@ class DenseNetworkTrace(NetworkTrace):
                         part.activations,
                     )
                 )
+        return out
+
+    def _crop_windows(
+        self,
+        targets: Sequence[Target],
+        layer: str,
+        margin: int | Callable[[torch.Tensor], int],
+    ) -> list[FeatureWindows]:
+        """The fast path of a plain head with a ``window`` R: per level, the head re-run on a
+        crop of (2(R + margin) + 1)^2 cells around each target's cell (kept inside the level),
+        all its targets in one backward pass; targets of other levels than ``layer`` get zero
+        gradient on it."""
+        units = self._units(targets)
+        names = self.detector.feature_levels
+        out = []
+        for lv in units.level.unique().tolist():
+            rows = torch.where(units.level == lv)[0].tolist()
+            if layer not in ("fpn", names[lv]):
+                out.append(self._empty_windows(layer, rows, targets, self.features[layer][0]))
+                continue
+            feat, own = self.levels[lv][0], units.take(rows)
+            h, w = feat.shape[-2:]
+            reach = int(self.detector.window) + self._margin(margin, rows, targets, feat)
+            kh, kw = min(2 * reach + 1, h), min(2 * reach + 1, w)
+            yy, xx = own.y.to(feat.device), own.x.to(feat.device)
+            y0, x0 = (yy - reach).clamp(min=0, max=h - kh), (xx - reach).clamp(min=0, max=w - kw)
+            ys = (y0[:, None] + torch.arange(kh, device=feat.device))[:, :, None]
+            xs = (x0[:, None] + torch.arange(kw, device=feat.device))[:, None, :]
+            crops = feat[:, ys, xs].transpose(0, 1).contiguous().requires_grad_(True)
+            with torch.enable_grad():
+                (raw,), _ = self.detector.head([crops])  # crop t: target t's window
+                t = torch.arange(len(rows), device=feat.device)
+                cells = {k: v[t, :, yy - y0, xx - x0] for k, v in raw.items()}
+                values = self._unit_values(cells, [targets[i] for i in rows], own)
+                (grads,) = torch.autograd.grad(values.sum(), crops)
+            origin = torch.stack((y0, x0), 1).cpu()
+            out.append(self._windows(names[lv], rows, targets, feat, grads, origin, crops.detach()))
         return out

@@ -336,13 +336,13 @@ class Detectron2RetinaNet(Detectron2Detector, DenseNetwork):
     def anchors(self, inputs: ImageList, levels: list[torch.Tensor]) -> list[torch.Tensor]:
         return [b.tensor for b in self.model.anchor_generator(levels)]
 
-    def unit_outputs(self, cells, anchor, class_index, anchor_boxes):
-        t, a = len(anchor), self.num_anchors
+    def unit_outputs(self, cells, units):
+        t, a, anchor = len(units.anchor), self.num_anchors, units.anchor
         rows = torch.arange(t, device=anchor.device)
         probs = cells["cls_score"].view(t, a, -1)[rows, anchor].sigmoid()  # (T, K)
         deltas = cells["bbox_pred"].view(t, a, 4)[rows, anchor]
-        boxes = self.model.box2box_transform.apply_deltas(deltas, anchor_boxes)
-        return probs[rows, class_index - 1], boxes, F.pad(probs, (1, 0))  # no background
+        boxes = self.model.box2box_transform.apply_deltas(deltas, units.anchor_boxes)
+        return probs[rows, units.class_index - 1], boxes, F.pad(probs, (1, 0))  # no background
 
     def postprocess(self, raw, anchors, geometry, index, nms=True):
         """RetinaNet's ``inference_single_image`` (per-level threshold and top-k, decoding,

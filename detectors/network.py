@@ -24,6 +24,7 @@ from torchvision.ops import batched_nms
 from xaibench.detector import Detector, FeatureWindows, GradientMode, WhiteBoxTrace
 from xaibench.feature_masks import check_masks, masks_to_layer
 from xaibench.geometry import InputGeometry
+from xaibench.images import to_rgb_float
 from xaibench.targets import UnitOutputs, target_values
 from xaibench.types import ATTRIBUTES, Detections, Target
 
@@ -102,7 +103,8 @@ class NetworkTrace(WhiteBoxTrace):
     """One image through a ``NetworkDetector``: its feature levels are computed once, and
     gradients on them start from those levels (leaves), so only the heads run again.
     Backbone stages and ``module:<name>`` layers re-run the network with the layer's output
-    made a leaf. ``mode="exact"`` is one autograd backward per target; the architectures'
+    made a leaf; other outputs of ``features`` (layers the levels are computed from) re-run it
+    from the image. ``mode="exact"`` is one autograd backward per target; the architectures'
     fast paths return windows of the layers (``_fast``).
 
     Subclasses set ``detections`` and implement ``_values`` (and the fast path)."""
@@ -111,7 +113,7 @@ class NetworkTrace(WhiteBoxTrace):
     detections: Detections
 
     def __init__(self, detector: NetworkDetector, image: np.ndarray) -> None:
-        self.detector = detector
+        self.detector, self.image = detector, image
         with torch.no_grad():
             self.image_list, (self.geometry,) = detector.prepare([image])
             self.features = detector.features(self.image_list)
@@ -137,7 +139,8 @@ class NetworkTrace(WhiteBoxTrace):
     def layer_names(self) -> list[str]:
         path = self.detector.stage_module
         stages = [] if path is None else self.detector.model.get_submodule(path).named_children()
-        return ["fpn", *self.detector.feature_levels, *(f"backbone.{n}" for n, _ in stages)]
+        named = dict.fromkeys([*self.features, *self.detector.feature_levels])
+        return ["fpn", *named, *(f"backbone.{n}" for n, _ in stages)]
 
     def _is_level(self, layer: str) -> bool:
         return layer == "fpn" or layer in self.detector.feature_levels
@@ -171,7 +174,7 @@ class NetworkTrace(WhiteBoxTrace):
         margin: int | Callable[[torch.Tensor], int] = 0,
     ) -> list[FeatureWindows]:
         self._check(targets, mode)
-        if layer not in ("fpn", "roi", *self.detector.feature_levels):
+        if layer not in ("fpn", "roi", *self.features, *self.detector.feature_levels):
             self._module_for(layer)  # a clear error for an unknown layer
         if not targets:
             return []
@@ -190,9 +193,20 @@ class NetworkTrace(WhiteBoxTrace):
             if self._is_level(layer):
                 leaves = {k: v.detach().requires_grad_(True) for k, v in self.features.items()}
                 values = self._values(leaves, targets)
+            elif layer in self.features:
+                leaves, values = self._values_from_image(layer, targets)
             else:
                 leaves, values = self._values_from_hooked(layer, targets)
             return self._layer_gradients(leaves, values, targets, layer)
+
+    def _values_from_image(self, layer: str, targets: Sequence[Target]):
+        """Re-run the network from the image (made differentiable) through ``features``;
+        returns ({layer: its output}, target values)."""
+        pixels = torch.from_numpy(to_rgb_float(self.image)).permute(2, 0, 1)[None]
+        pixels = pixels.to(self.detector.device).requires_grad_(True)
+        inputs = self.detector.prepare_differentiable(pixels, self.geometry)
+        features = self.detector.features(inputs)
+        return {layer: features[layer]}, self._values(features, targets)
 
     def _values_from_hooked(self, layer: str, targets: Sequence[Target]):
         """Re-run the network with ``layer``'s output (or its first map) replaced by a leaf;
@@ -332,8 +346,14 @@ class NetworkTrace(WhiteBoxTrace):
         features and only the heads re-run; a backbone stage or ``module:<name>`` is masked by
         a forward hook and the whole network re-runs on the batch."""
         step = self.detector.batch_limit(batch_size)
+        levels = self.detector.feature_levels
         if layer == "roi":
             raise KeyError("feature masks apply to spatial layers, not 'roi'")
+        if layer in self.features and layer not in levels:
+            raise KeyError(
+                f"feature masks on {layer!r}: the network cannot be re-run from it; mask a "
+                f"level the head reads ({', '.join(map(repr, levels))}) or 'fpn'"
+            )
         module = None if self._is_level(layer) else self._module_for(layer)
         masks = check_masks(masks).to(self.detector.device)
         out: list[Detections] = []
@@ -353,6 +373,7 @@ class NetworkTrace(WhiteBoxTrace):
                     if layer in ("fpn", name)
                     else f.expand(b, -1, -1, -1)
                     for name, f in self.features.items()
+                    if name in levels
                 }
             geometry = [self.geometry] * b
             out.extend(self.detector.detect_from_features(inputs, features, geometry, True))

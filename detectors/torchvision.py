@@ -202,13 +202,13 @@ class OneStageDetector(TorchvisionDetector, DenseNetwork):
         anchors = self.model.anchor_generator(inputs, levels)[0]
         return list(anchors.split([f.shape[-2] * f.shape[-1] * self.num_anchors for f in levels]))
 
-    def unit_outputs(self, cells, anchor, class_index, anchor_boxes):
-        rows = torch.arange(len(anchor), device=anchor.device)
-        flat = {
-            k: v.view(len(anchor), self.num_anchors, -1)[rows, anchor] for k, v in cells.items()
-        }
+    def unit_outputs(self, cells, units):
+        t = len(units.anchor)
+        rows = torch.arange(t, device=units.anchor.device)
+        flat = {k: v.view(t, self.num_anchors, -1)[rows, units.anchor] for k, v in cells.items()}
         probs = self._scores(flat)  # (T, K), column 0 the background
-        return probs[rows, class_index], self._decode(flat["bbox_reg"], anchor_boxes), probs
+        boxes = self._decode(flat["bbox_reg"], units.anchor_boxes)
+        return probs[rows, units.class_index], boxes, probs
 
     def postprocess(self, raw, anchors, geometry, index, nms=True):
         """torchvision's ``postprocess_detections`` for one image, keeping the indices."""

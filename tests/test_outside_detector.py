@@ -199,7 +199,7 @@ def test_fast_path_equals_exact_on_seeded_weights_including_edge_cells(
     image = np.random.default_rng(0).integers(0, 256, (70, 90, 3), dtype=np.uint8)
     trace = detector.trace(image)
     p = trace.detections.provenance
-    h, w = trace.layers["p2"].shape[-2:]
+    h, w = trace.features["p2"].shape[-2:]
     edge = torch.where((p.y == 0) | (p.x == 0) | (p.y == h - 1) | (p.x == w - 1))[0].tolist()
     assert edge, "no detection at the layer's edge to test the clamped windows on"
     targets = [Target(i, a) for i in [0, 1, *edge[:3]] for a in ("score", "x1", "y2")]
@@ -250,8 +250,17 @@ def test_feature_masks_and_drise_never_pass_more_than_max_batch(centernet) -> No
         seen.clear()
         method.explain(detector, image, [Target(0)], trace)
         assert seen and max(seen) <= 3 and sum(seen) >= 10
-    with pytest.raises(KeyError, match="head layer 'p2'"):
+    with pytest.raises(KeyError, match=r"a level the head reads \('p2'\)"):
         trace.detect_with_feature_masks(torch.ones(1, 4, 4), layer="p1")
+
+
+def test_odam_nms_runs_on_one_trace_of_the_outside_detectors_candidates(centernet) -> None:
+    from conftest import assert_one_pass_odam_nms
+
+    # the one-stage trace serves the adapter too: its pre-NMS candidates in one pass
+    detector = centernet.build(seed=3)
+    image = np.random.default_rng(1).integers(0, 256, (64, 80, 3), dtype=np.uint8)
+    assert_one_pass_odam_nms(detector, image)
 
 
 # -- black box ---------------------------------------------------------------------------------

@@ -9,17 +9,19 @@ Two ways in:
   predicts at every cell of one feature layer (the *head layer*) a score per class and a box.
   Subclass ``DenseModel`` (an ``nn.Module``, so its parameters are the ones sanity checks
   re-initialise, in its registration order) with ``features``, ``head`` and ``decode``;
-  ODAM, Grad-CAM, Grad-CAM++, BBAM, feature-space D-RISE and the sanity checks work, through
-  one autograd backward per target (``mode="exact"``), and through one backward for all
-  targets where the model declares its head's ``window`` (``mode="fast"``).
+  ODAM, Grad-CAM, Grad-CAM++, BBAM, feature-space D-RISE, Odam-NMS and the sanity checks
+  work, through one autograd backward per target (``mode="exact"``), and through one
+  backward for all targets where the model declares its head's ``window`` (``mode="fast"``).
+  It is explained by the trace every one-stage detector has (``detectors/dense.py``).
 
 Conventions (as for every wrapper of the harness):
 
 - labels are 1..K, 0 is the background; ``class_names[0]`` names the background.
 - ``class_probs`` (N, K + 1): column k is the probability of label k, column 0 the background
   (0 for a sigmoid head that has none); D-RISE compares these rows.
-- boxes are xyxy in pixels of the original image; detections are clipped to the image,
-  targets (``x1``..``y2``, ``xaibench.targets``) read the decoded box unclipped.
+- boxes are xyxy in pixels of the original image (a ``DenseModel`` decodes them in
+  network-input pixels, mapped back by its ``InputGeometry``); detections are clipped to
+  the image, targets (``x1``..``y2``, ``xaibench.targets``) read the decoded box unclipped.
 - ``detect(..., nms=False)`` returns every candidate above the score threshold before
   non-maximum suppression (deletion and insertion score the best of them).
 - provenance of a dense detection: level 0 (the head layer), the cell (y, x) on it, anchor 0
@@ -36,22 +38,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import batched_nms
 
-from xaibench.detector import Detector, FeatureWindows, GradientMode, WhiteBoxTrace
-from xaibench.feature_masks import check_masks, masks_to_layer
+from xaibench.detector import Detector, WhiteBoxTrace
+from xaibench.detectors.dense import DenseNetwork, DenseUnits, dense_detections
+from xaibench.detectors.network import suppress
 from xaibench.geometry import InputGeometry
 from xaibench.images import to_rgb_float
-from xaibench.targets import UnitOutputs, target_values
-from xaibench.types import Detections, Provenance, Target, checked_detections
+from xaibench.types import Detections, checked_detections
 
 Prediction = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 """One image's ``(boxes (N, 4) xyxy original pixels, scores (N,), labels (N,) in 1..K,
 class_probs (N, K + 1))``."""
-
-PREDICTION_LAYER = "fpn"
-"""The layer name every trace reads as "the layer that produced each prediction" (the methods'
-default); a ``DenseDetector`` resolves it to its head layer."""
 
 
 def _float_images(images: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -129,11 +126,11 @@ class DenseModel(nn.Module, ABC):
       in input-to-head order; the names are the layers methods can explain from, and must
       hold ``head_layer``;
     - ``head(feature)``: {output name: (B, C_k, h, w)} per-cell outputs of the head layer;
-    - ``decode(cells, yx, geometry, layer_size)``: from each row's head outputs at its cell
-      ({name: (T, C_k)}), the cell ``yx`` (T, 2) (row, col) on the head layer of
-      ``layer_size`` (h, w) and the image's ``InputGeometry``, its ``class_probs`` (T, K + 1)
-      (column 0 the background) and decoded box (T, 4) xyxy in original pixels, unclipped.
-      It must be differentiable in ``cells``.
+    - ``decode(cells, yx)``: from each row's head outputs at its cell ({name: (T, C_k)}) and
+      the cell ``yx`` (T, 2) (row, col) on the head layer, its ``class_probs`` (T, K + 1)
+      (column 0 the background) and decoded box (T, 4) xyxy in network-input pixels,
+      unclipped (the harness maps it to the original image). It must be differentiable in
+      ``cells``.
 
     ``window`` R (cells): the head's output at a cell depends only on the (2R+1)^2 cells of
     the head layer around it, and the head is made of stride-1 convolutions with zero "same"
@@ -166,14 +163,10 @@ class DenseModel(nn.Module, ABC):
 
     @abstractmethod
     def decode(
-        self,
-        cells: dict[str, torch.Tensor],
-        yx: torch.Tensor,
-        geometry: InputGeometry,
-        layer_size: tuple[int, int],
+        self, cells: dict[str, torch.Tensor], yx: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(class_probs (T, K + 1), boxes (T, 4) xyxy original pixels) of head outputs at
-        cells ``yx`` (T, 2)."""
+        """(class_probs (T, K + 1), boxes (T, 4) xyxy network-input pixels) of head outputs
+        at cells ``yx`` (T, 2)."""
 
     def preprocess(self, images: torch.Tensor) -> tuple[torch.Tensor, InputGeometry]:
         """(B, 3, H, W) RGB in [0, 1] -> network input (B, 3, H_pad, W_pad) and geometry;
@@ -185,9 +178,16 @@ class DenseModel(nn.Module, ABC):
         return x, InputGeometry((height, width), (height, width), padded)
 
 
-class DenseDetector(Detector):
-    """A ``DenseModel`` behind the harness's two views (conventions: module docstring).
-    ``max_batch``: images per forward pass (D-RISE, deletion and feature masks chunk by it)."""
+class DenseDetector(DenseNetwork):
+    """A ``DenseModel`` as a one-stage detector of the harness (conventions: module
+    docstring), explained by the dense architecture's trace (``detectors/dense.py``): its
+    one level is the head layer, the other names of ``features`` are layers too (exact
+    gradients, from the image). ``max_batch``: images per forward pass (D-RISE, deletion and
+    feature masks chunk by it)."""
+
+    framework = "outside"
+    num_anchors = 1
+    local_head = None
 
     def __init__(
         self,
@@ -205,14 +205,16 @@ class DenseDetector(Detector):
             raise ValueError(f"{type(model).__name__}.window must be >= 0 or None")
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-        if len(class_names) < 2:
-            raise ValueError("class_names must name the background (index 0) and >= 1 class")
-        self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
-        self.class_names = list(class_names)
-        self.name, self.max_batch = name, max_batch
+        super().__init__(model, class_names, name, device)
+        self.max_batch, self.window = max_batch, model.window
         self.feature_levels = [model.head_layer]
 
+    def _class_names(self, given: Sequence[str] | None) -> list[str]:
+        if given is None or len(given) < 2:
+            raise ValueError("class_names must name the background (index 0) and >= 1 class")
+        return list(given)
+
+    # pre-processing and features ------------------------------------------------------
     def inputs(self, images: torch.Tensor) -> tuple[torch.Tensor, InputGeometry]:
         """``model.preprocess`` of (B, 3, H, W) images in [0, 1], checked."""
         x, geometry = self.model.preprocess(images.to(self.device))
@@ -223,9 +225,23 @@ class DenseDetector(Detector):
             )
         return x, geometry
 
-    def layers(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``model.features(x)``, checked to hold the head layer."""
-        feats = self.model.features(x)
+    def prepare(self, images: Sequence[np.ndarray]) -> tuple[torch.Tensor, list[InputGeometry]]:
+        """The network input of images of one size (``detect`` passes runs of them)."""
+        pixels = [torch.from_numpy(im).permute(2, 0, 1) for im in _float_images(images)]
+        if len({p.shape for p in pixels}) > 1:
+            raise ValueError(f"{self.name}: one batch input takes images of one size")
+        x, geometry = self.inputs(torch.stack(pixels))
+        return x, [geometry] * len(pixels)
+
+    def prepare_differentiable(self, images: torch.Tensor, geometry: InputGeometry) -> torch.Tensor:
+        return self.inputs(images)[0]
+
+    def repeat_input(self, inputs: torch.Tensor, copies: int) -> torch.Tensor:
+        return inputs.expand(copies, -1, -1, -1)
+
+    def features(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``model.features``, checked to hold the head layer."""
+        feats = self.model.features(inputs)
         if self.model.head_layer not in feats:
             raise KeyError(
                 f"{type(self.model).__name__}.features gave {', '.join(feats)}; "
@@ -233,24 +249,47 @@ class DenseDetector(Detector):
             )
         return feats
 
-    def head_outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The head's outputs {name: (B, C_k, h, w)} of the network input ``x``."""
-        return self.model.head(self.layers(x)[self.model.head_layer])
+    @torch.no_grad()
+    def detect(
+        self, images: Sequence[np.ndarray], batch_size: int = 8, nms: bool = True
+    ) -> list[Detections]:
+        step = self.batch_limit(batch_size)
+        out: list[Detections] = []
+        start = 0
+        while start < len(images):  # runs of same-size images, at most ``step`` at a time
+            stop = start + 1
+            while stop < min(start + step, len(images)) and (
+                images[stop].shape[:2] == images[start].shape[:2]
+            ):
+                stop += 1
+            x, geometry = self.prepare(images[start:stop])
+            out.extend(self.detect_from_features(x, self.features(x), geometry, nms))
+            start = stop
+        return out
 
-    def outputs_at(
-        self,
-        raw: dict[str, torch.Tensor],
-        at: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-        yx: torch.Tensor,
-        geometry: InputGeometry,
-        layer_size: tuple[int, int],
+    # the dense adapter ---------------------------------------------------------------
+    def head_outputs(self, levels: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        return [self.model.head(levels[0])]
+
+    def anchors(self, inputs: torch.Tensor, levels: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each cell's rectangle of the network input, split evenly over the cells (the
+        model decodes from the cell, not from these)."""
+        (h, w), (height, width) = levels[0].shape[-2:], inputs.shape[-2:]
+        ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        corners = torch.stack((xs * width / w, ys * height / h), -1).reshape(-1, 2)
+        step = torch.tensor([width / w, height / h])
+        return [torch.cat((corners, corners + step), 1).to(self.device)]
+
+    def unit_outputs(self, cells: dict[str, torch.Tensor], units: DenseUnits):
+        probs, boxes = self._decoded(cells, torch.stack((units.y, units.x), 1))
+        rows = torch.arange(len(units.y), device=probs.device)
+        return probs[rows, units.class_index], boxes, probs
+
+    def _decoded(
+        self, cells: dict[str, torch.Tensor], yx: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decoded (class_probs, boxes) of head outputs ``raw`` ({name: (B, C_k, h_r, w_r)})
-        read at ``at`` = (image, row, col) (T,) each, for the head layer's cells ``yx``
-        (T, 2) (``raw`` may be crops of the layer, read at the cells' places in them)."""
-        batch, row, col = at
-        cells = {k: v[batch, :, row, col] for k, v in raw.items()}
-        probs, boxes = self.model.decode(cells, yx, geometry, layer_size)
+        """``model.decode``, checked: class_probs (T, K + 1) and boxes (T, 4)."""
+        probs, boxes = self.model.decode(cells, yx)
         if probs.shape != (len(yx), self.num_classes) or boxes.shape != (len(yx), 4):
             raise ValueError(
                 f"{type(self.model).__name__}.decode must give class_probs (T, "
@@ -259,235 +298,27 @@ class DenseDetector(Detector):
             )
         return probs, boxes
 
-    def postprocess(
-        self, raw: dict[str, torch.Tensor], geometry: InputGeometry, nms: bool = True
-    ) -> list[Detections]:
-        """Detections of each image of head outputs ``raw`` ({name: (B, C_k, h, w)})."""
+    def postprocess(self, raw, anchors, geometry, index, nms=True) -> Detections:
+        """Candidates (cell, class) above ``score_thresh``, the best ``topk_candidates``,
+        per-class NMS at ``nms_thresh`` (``nms``), at most ``detections_per_img``."""
         m = self.model
-        b, _, h, w = next(iter(raw.values())).shape
+        (level,) = raw
+        h, w = next(iter(level.values())).shape[-2:]
         ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
         yx = torch.stack((ys.flatten(), xs.flatten()), 1).to(self.device)
-        out = []
-        for i in range(b):
-            batch = torch.full((h * w,), i, dtype=torch.long, device=self.device)
-            probs, boxes = self.outputs_at(raw, (batch, yx[:, 0], yx[:, 1]), yx, geometry, (h, w))
-            scores = probs[:, 1:].flatten()
-            keep = torch.where(scores > m.score_thresh)[0]
-            keep = keep[scores[keep].topk(min(m.topk_candidates, len(keep))).indices]
-            cell = torch.div(keep, self.num_classes - 1, rounding_mode="floor")
-            labels = keep % (self.num_classes - 1) + 1
-            height, width = geometry.original
-            edge = boxes.new_tensor([width, height, width, height])
-            clipped = torch.minimum(boxes[cell].clamp(min=0), edge)  # to the original image
-            order = torch.arange(len(keep), device=self.device)
-            if nms:
-                order = batched_nms(clipped, scores[keep], labels, m.nms_thresh)
-                order = order[: m.detections_per_img]
-            cell, labels, chosen = cell[order], labels[order], keep[order]
-            out.append(
-                Detections(
-                    boxes=clipped[order],
-                    scores=scores[chosen],
-                    labels=labels,
-                    class_probs=probs[cell],
-                    provenance=Provenance(
-                        level=torch.zeros_like(labels),
-                        y=yx[cell, 0],
-                        x=yx[cell, 1],
-                        anchor=torch.zeros_like(labels),
-                        class_index=labels,
-                    ),
-                    image_size=geometry.original,
-                )
-            )
-        return out
-
-    @torch.no_grad()
-    def detect(
-        self, images: Sequence[np.ndarray], batch_size: int = 8, nms: bool = True
-    ) -> list[Detections]:
-        step = self.batch_limit(batch_size)
-        pixels = [torch.from_numpy(im).permute(2, 0, 1) for im in _float_images(images)]
-        out: list[Detections] = []
-        start = 0
-        while start < len(pixels):  # runs of same-size images, at most ``step`` at a time
-            stop = start + 1
-            while stop < min(start + step, len(pixels)) and (
-                pixels[stop].shape == pixels[start].shape
-            ):
-                stop += 1
-            x, geometry = self.inputs(torch.stack(pixels[start:stop]))
-            out.extend(self.postprocess(self.head_outputs(x), geometry, nms))
-            start = stop
-        return out
-
-    def trace(self, image: np.ndarray) -> DenseTrace:
-        return DenseTrace(self, image)
-
-
-class DenseTrace(WhiteBoxTrace):
-    """One image through a ``DenseDetector``. Layers: ``fpn`` (= the head layer, where every
-    prediction comes from) and the names of ``DenseModel.features``. Exact mode: one autograd
-    backward per target to the whole layer; fast mode (head layer, ``window`` declared): all
-    targets back-propagated at once through the head on crops of (2(R + margin) + 1)^2 cells
-    around their cells, kept inside the layer."""
-
-    def __init__(self, detector: DenseDetector, image: np.ndarray) -> None:
-        self.detector = detector
-        (pixels,) = _float_images([image])
-        self.pixels = torch.from_numpy(pixels).permute(2, 0, 1)[None].to(detector.device)
-        with torch.no_grad():
-            self.input, self.geometry = detector.inputs(self.pixels)
-            self.layers = detector.layers(self.input)
-            self.raw = detector.model.head(self.layers[detector.model.head_layer])
-            (self.detections,) = detector.postprocess(self.raw, self.geometry)
-        self.image_size = self.geometry.original
-
-    def layer_names(self) -> list[str]:
-        return [PREDICTION_LAYER, *self.layers]
-
-    def _layer(self, layer: str) -> str:
-        name = self.detector.model.head_layer if layer == PREDICTION_LAYER else layer
-        if name not in self.layers:
-            raise KeyError(f"unknown layer {layer!r}; known: {', '.join(self.layer_names())}")
-        return name
-
-    def _outputs(
-        self,
-        raw: dict[str, torch.Tensor],
-        targets: Sequence[Target],
-        batch: torch.Tensor | None = None,
-        origin: torch.Tensor | None = None,
-    ) -> UnitOutputs:
-        """Target t's unit outputs from head outputs ``raw``: on image ``batch[t]`` (default
-        0), or, where ``raw`` holds one crop per target with its top-left cell at
-        ``origin[t]`` (T, 2), on crop t."""
-        p = self.detections.provenance
-        det = torch.tensor([t.index for t in targets], dtype=torch.long)
-        device = self.detector.device
-        yx = torch.stack((p.y[det], p.x[det]), 1).to(device)
-        cls = p.class_index[det].to(device)
-        rows = torch.arange(len(targets), device=device)
-        if batch is None:
-            batch = rows if origin is not None else torch.zeros_like(rows)
-        local = yx if origin is None else yx - origin.to(device)
-        size = tuple(self.layers[self.detector.model.head_layer].shape[-2:])
-        at = (batch.to(device), local[:, 0], local[:, 1])
-        probs, boxes = self.detector.outputs_at(raw, at, yx, self.geometry, size)
-        return UnitOutputs(probs[rows, cls], boxes, probs)
-
-    def target_values(self, targets: Sequence[Target]) -> torch.Tensor:
-        self._check(targets)
-        return target_values(targets, self._outputs(self.raw, targets))
-
-    def gradients(
-        self,
-        targets: Sequence[Target],
-        layer: str = PREDICTION_LAYER,
-        mode: GradientMode = "fast",
-        margin: int | Callable[[torch.Tensor], int] = 0,
-    ) -> list[FeatureWindows]:
-        self._check(targets, mode)
-        name = self._layer(layer)
-        if not targets:
-            return []
-        model = self.detector.model
-        if mode == "fast" and name == model.head_layer and model.window is not None:
-            return [self._fast(targets, name, margin)]
-        return [self._exact(targets, name)]
-
-    def _exact(self, targets: Sequence[Target], name: str) -> FeatureWindows:
-        with torch.enable_grad():
-            layers = self.detector.layers(self.input.detach().requires_grad_(True))
-            raw = self.detector.model.head(layers[self.detector.model.head_layer])
-            values = target_values(targets, self._outputs(raw, targets))
-            a = layers[name]
-            grads = [
-                torch.autograd.grad(values[i], a, retain_graph=True, allow_unused=True)[0]
-                for i in range(len(targets))
-            ]
-        grads = [torch.zeros_like(a) if g is None else g for g in grads]
-        act = a.detach()[0]
-        origin = torch.zeros(len(targets), 2, dtype=torch.long)
-        windows = act[None].expand(len(targets), -1, -1, -1)
-        return self._windows(targets, name, act, windows, torch.cat(grads), origin)
-
-    def _fast(
-        self,
-        targets: Sequence[Target],
-        name: str,
-        margin: int | Callable[[torch.Tensor], int],
-    ) -> FeatureWindows:
-        act = self.layers[name][0]
-        h, w = act.shape[-2:]
-        if callable(margin):
-            margin = margin(self.geometry.boxes_to_layer(self._boxes(targets), (h, w)))
-        reach = int(self.detector.model.window) + int(margin)
-        kh, kw = min(2 * reach + 1, h), min(2 * reach + 1, w)
-        p = self.detections.provenance
-        det = [t.index for t in targets]
-        y, x = p.y[det].to(act.device), p.x[det].to(act.device)
-        y0 = (y - reach).clamp(min=0).clamp(max=h - kh)
-        x0 = (x - reach).clamp(min=0).clamp(max=w - kw)
-        rows = (y0[:, None] + torch.arange(kh, device=y0.device))[:, :, None]
-        cols = (x0[:, None] + torch.arange(kw, device=x0.device))[:, None, :]
-        crops = act[:, rows, cols].transpose(0, 1).contiguous().requires_grad_(True)
-        with torch.enable_grad():
-            raw = self.detector.model.head(crops)  # crop t: target t's window
-            origin = torch.stack((y0, x0), 1)
-            values = target_values(targets, self._outputs(raw, targets, origin=origin))
-            (grads,) = torch.autograd.grad(values.sum(), crops)
-        return self._windows(targets, name, act, crops.detach(), grads, origin.cpu())
-
-    def _boxes(self, targets: Sequence[Target]) -> torch.Tensor:
-        return self.detections.boxes[[t.index for t in targets]]
-
-    def _windows(self, targets, name, act, windows, grads, origin) -> FeatureWindows:
-        layer_size = (int(act.shape[-2]), int(act.shape[-1]))
-        return FeatureWindows(
-            layer=name,
-            target_index=torch.arange(len(targets)),
-            activations=windows,
-            gradients=grads.detach(),
-            origin=origin,
-            layer_size=layer_size,
-            boxes_on_layer=self.geometry.boxes_to_layer(self._boxes(targets), layer_size),
-            layer_activations=act,
+        probs, boxes = self._decoded({k: v[index].flatten(1).T for k, v in level.items()}, yx)
+        scores = probs[:, 1:].flatten()
+        keep = torch.where(scores > m.score_thresh)[0]
+        keep = keep[scores[keep].topk(min(m.topk_candidates, len(keep))).indices]
+        cell = torch.div(keep, self.num_classes - 1, rounding_mode="floor")
+        labels = keep % (self.num_classes - 1) + 1
+        height, width = geometry.original
+        edge = boxes.new_tensor([width, height, width, height])
+        original = geometry.boxes_to_original(boxes[cell])
+        clipped = torch.minimum(original.clamp(min=0), edge)
+        order = suppress(clipped, scores[keep], labels, m.nms_thresh, m.detections_per_img, nms)
+        cell, labels = cell[order], labels[order]
+        units = self.level_units(0, cell, w)
+        return dense_detections(
+            clipped[order], scores[keep[order]], labels, probs[cell], units, geometry.original
         )
-
-    def to_image(self, windows: FeatureWindows, maps: torch.Tensor) -> torch.Tensor:
-        return self.geometry.windows_to_original(maps, windows.origin, windows.layer_size)
-
-    @torch.no_grad()
-    def detect_with_feature_masks(
-        self, masks: torch.Tensor, layer: str = PREDICTION_LAYER, batch_size: int = 8
-    ) -> list[Detections]:
-        """The head layer (``fpn`` or its name) times each mask, the head and
-        post-processing re-run; other layers cannot be masked (the model gives no way to
-        re-run the network from them)."""
-        name = self._layer(layer)
-        if name != self.detector.model.head_layer:
-            raise KeyError(
-                f"feature masks apply to the head layer {self.detector.model.head_layer!r} "
-                f"(or {PREDICTION_LAYER!r}); got layer {layer!r}"
-            )
-        step = self.detector.batch_limit(batch_size)
-        masks = check_masks(masks).to(self.detector.device)
-        act = self.layers[name]
-        out: list[Detections] = []
-        for start in range(0, masks.shape[0], step):
-            on_layer = masks_to_layer(masks[start : start + step], self.geometry, act.shape[-2:])
-            raw = self.detector.model.head(act * on_layer[:, None])
-            out.extend(self.detector.postprocess(raw, self.geometry))
-        return out
-
-    def provenance_outputs(
-        self, images: torch.Tensor, indices: Sequence[int]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``preprocess``, features, head and decode on ``images`` (B, 3, H, W) in [0, 1],
-        read at detection ``indices[b]``'s cell and class on image b (differentiable)."""
-        targets = [Target(i) for i in self._check_unit_images(images, indices)]
-        x, _ = self.detector.inputs(images)
-        raw = self.detector.head_outputs(x)
-        outputs = self._outputs(raw, targets, batch=torch.arange(len(targets)))
-        return outputs.score, outputs.box
