@@ -80,6 +80,17 @@ def test_nms_command_names_bad_input(tmp_path, crowd):
          "--strategies", "nms", "-p", "softnms.sigma=1"],
     )  # fmt: skip
     assert result.exit_code != 0 and "softnms" in result.output
+    for setting, expected in [
+        ("softnms.sigma=abc", "--param softnms.sigma='abc': expected float"),
+        ("softnms.sigmaa=1", "--param softnms.sigmaa: not a setting of SoftNMS; expected one of"),
+    ]:
+        result = runner.invoke(
+            app,
+            ["nms", "--dataset", str(crowd.odgt_file), "--images", str(crowd.images_dir),
+             "--strategies", "softnms", "-p", setting, "--out", str(tmp_path)],
+        )  # fmt: skip
+        assert result.exit_code == 2, result.output
+        assert expected in " ".join(result.output.replace("│", " ").split())
 
 
 def test_missing_data_and_unknown_names_end_in_one_line(tmp_path):

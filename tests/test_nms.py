@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
+from dataclasses import dataclass
 
 import pytest
 import torch
 from xaibench.detectors.evidence import EvidenceObject, build_evidence_toy, evidence_image
 from xaibench.detectors.nms import (
+    NMSStrategy,
     feature_duplicates,
     greedy_keep,
     normalized_correlation,
     resize_short_edge,
 )
 
+from xaibench.params import ParamError, checked_params
 from xaibench.registry import NMS
 from xaibench.types import Detections, Provenance
 
@@ -172,3 +176,37 @@ def test_odam_nms_explains_the_candidates_of_one_trace(family, random_image):
 
     _, detector = build(family)
     assert_one_pass_odam_nms(detector, random_image)
+
+
+@dataclass(kw_only=True, eq=False)
+class BestPerClass(NMSStrategy):
+    """A new strategy in a few lines: keep the ``keep`` best candidates of each class."""
+
+    name = "best-per-class"
+    keep: int = 1
+
+    def suppress(self, candidates, detector=None, image=None):
+        kept, per_class = [], Counter()
+        for i in torch.argsort(candidates.scores, descending=True).tolist():
+            label = int(candidates.labels[i])
+            if per_class[label] < self.keep:
+                kept.append(i)
+                per_class[label] += 1
+        index = torch.tensor(kept, dtype=torch.long)
+        return index, candidates.scores[index]
+
+
+def test_a_new_strategy_is_a_dataclass_whose_fields_are_its_settings():
+    strategy = BestPerClass(**checked_params(BestPerClass, {"keep": "2", "score_threshold": 0.2}))
+    assert strategy.params() == {"iou_threshold": 0.5, "score_threshold": 0.2,
+                                 "max_detections": None, "keep": 2}  # fmt: skip
+    found = candidates([[0, 0, 9, 9]] * 5, [0.9, 0.1, 0.8, 0.7, 0.6], labels=[1, 1, 1, 2, 2])
+    out = strategy.select(found)
+    assert out.keep.tolist() == [0, 2, 3, 4]  # class 1: 0.9, 0.8 (0.1 is below 0.2); class 2
+    with pytest.raises(ParamError, match="kep: not a setting of BestPerClass; expected one of "
+                       "iou_threshold, score_threshold, max_detections, keep"):  # fmt: skip
+        checked_params(BestPerClass, {"kep": 2})
+    with pytest.raises(ParamError, match="keep='two': expected int"):
+        checked_params(BestPerClass, {"keep": "two"})
+    with pytest.raises(ValueError, match="iou_threshold must be in"):
+        BestPerClass(iou_threshold=2.0)

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from xaibench.cli.errors import user_errors
+from xaibench.cli.errors import typed_params, user_errors
 from xaibench.cli.evaluate import scoped_params
 from xaibench.datasets.coco import CocoDataset
 from xaibench.datasets.crowdhuman import CrowdHumanDataset, write_crowddet_results
@@ -89,6 +89,10 @@ def nms(
     stray = sorted(set(params) - set(names) - ({"odamnms"} if sweep else set()))
     if stray:
         raise typer.BadParameter(f"--param names {', '.join(stray)}, not in --strategies")
+    params = {
+        name: typed_params(NMS.get(name), settings, "--param", f"{name}.")
+        for name, settings in params.items()
+    }
     with user_errors("--dataset", debug):
         data = load_dataset(dataset, images)
         count = len(data) if max_images is None else min(max_images, len(data))
