@@ -39,7 +39,7 @@ from torch import nn
 from xaibench.detectors.network import Features, NetworkDetector, NetworkTrace
 
 from xaibench.geometry import InputGeometry
-from xaibench.images import to_rgb_float
+from xaibench.images import to_chw_tensor
 from xaibench.registry import DETECTORS
 from xaibench.types import Detections, Provenance
 
@@ -132,7 +132,7 @@ class EvidenceDetector(NetworkDetector):
     def prepare(self, images: Sequence[np.ndarray]) -> tuple[torch.Tensor, list[InputGeometry]]:
         """No resizing; each image zero-padded at the bottom and right to a multiple of the
         stride, and to the batch's largest (regions are fixed cells from the top left)."""
-        tensors = [_tensor(image, f"images[{i}]") for i, image in enumerate(images)]
+        tensors = [to_chw_tensor(image, f"images[{i}]") for i, image in enumerate(images)]
         for t in tensors:
             self._check_fits((int(t.shape[-2]), int(t.shape[-1])))
         s = self.stride
@@ -238,11 +238,6 @@ class EvidenceTrace(NetworkTrace):
         if not self._is_level(layer):
             raise KeyError(f"feature masks apply to 'fpn' or {LEVEL!r}; got layer {layer!r}")
         return super().detect_with_feature_masks(masks, layer, batch_size)
-
-
-def _tensor(image: np.ndarray, name: str) -> torch.Tensor:
-    """(3, H, W) float in [0, 1]: uint8 and other images / 255, float images unrounded."""
-    return torch.from_numpy(to_rgb_float(image, name=name)).permute(2, 0, 1)
 
 
 def _pad_to(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -24,7 +24,7 @@ from torchvision.ops import batched_nms
 from xaibench.detector import Detector, FeatureWindows, GradientMode, WhiteBoxTrace
 from xaibench.feature_masks import check_masks, masks_to_layer
 from xaibench.geometry import InputGeometry
-from xaibench.images import to_rgb_float
+from xaibench.images import to_chw_tensor
 from xaibench.targets import UnitOutputs, target_values
 from xaibench.types import ATTRIBUTES, Detections, Target
 
@@ -202,8 +202,8 @@ class NetworkTrace(WhiteBoxTrace):
     def _values_from_image(self, layer: str, targets: Sequence[Target]):
         """Re-run the network from the image (made differentiable) through ``features``;
         returns ({layer: its output}, target values)."""
-        pixels = torch.from_numpy(to_rgb_float(self.image)).permute(2, 0, 1)[None]
-        pixels = pixels.to(self.detector.device).requires_grad_(True)
+        pixels = to_chw_tensor(self.image, "image")[None].to(self.detector.device)
+        pixels.requires_grad_(True)
         inputs = self.detector.prepare_differentiable(pixels, self.geometry)
         features = self.detector.features(inputs)
         return {layer: features[layer]}, self._values(features, targets)

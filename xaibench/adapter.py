@@ -43,7 +43,7 @@ from xaibench.detector import Detector, WhiteBoxTrace
 from xaibench.detectors.dense import DenseNetwork, DenseUnits, dense_detections
 from xaibench.detectors.network import suppress
 from xaibench.geometry import InputGeometry
-from xaibench.images import to_rgb_float
+from xaibench.images import to_chw_tensor, to_rgb_float
 from xaibench.types import Detections, checked_detections
 
 Prediction = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -227,7 +227,7 @@ class DenseDetector(DenseNetwork):
 
     def prepare(self, images: Sequence[np.ndarray]) -> tuple[torch.Tensor, list[InputGeometry]]:
         """The network input of images of one size (``detect`` passes runs of them)."""
-        pixels = [torch.from_numpy(im).permute(2, 0, 1) for im in _float_images(images)]
+        pixels = [to_chw_tensor(im, f"images[{i}]") for i, im in enumerate(images)]
         if len({p.shape for p in pixels}) > 1:
             raise ValueError(f"{self.name}: one batch input takes images of one size")
         x, geometry = self.inputs(torch.stack(pixels))

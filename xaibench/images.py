@@ -28,6 +28,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 _AS_ARRAY = {"1", "L", "RGB", "RGBA", "I;16", "I;16L", "I;16B", "I;16N", "F"}
@@ -142,6 +143,11 @@ def to_rgb_float(array: np.ndarray, name: str = "array") -> np.ndarray:
     _check_unit_range(array, name)
     array = array.astype(np.float32)
     return np.repeat(array, 3, axis=2) if array.shape[2] == 1 else np.ascontiguousarray(array)
+
+
+def to_chw_tensor(array: np.ndarray, name: str = "array") -> torch.Tensor:
+    """``to_rgb_float`` as a (3, H, W) float32 tensor in [0, 1] (sharing its memory)."""
+    return torch.from_numpy(to_rgb_float(array, name)).permute(2, 0, 1)
 
 
 def _check_unit_range(array: np.ndarray, name: str) -> None:
