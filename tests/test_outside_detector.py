@@ -263,6 +263,26 @@ def test_odam_nms_runs_on_one_trace_of_the_outside_detectors_candidates(centerne
     assert_one_pass_odam_nms(detector, image)
 
 
+def test_a_model_breaking_the_contract_is_named(centernet) -> None:
+    image = two_squares()
+
+    class NoHeadLayer(centernet.TinyCenterNet):
+        def features(self, x):
+            return {"p1": self.stem(x)}
+
+    class WrongDecode(centernet.TinyCenterNet):
+        def decode(self, cells, yx):
+            probs, boxes = super().decode(cells, yx)
+            return probs[:, 1:], boxes  # the background column left out
+
+    with pytest.raises(KeyError, match=r"NoHeadLayer\.features gave p1; head_layer 'p2'"):
+        DenseDetector(NoHeadLayer(2), ["bg", "a", "b"]).detect([image])
+    with pytest.raises(ValueError, match=r"WrongDecode\.decode must give class_probs \(T, 3\)"):
+        DenseDetector(WrongDecode(2), ["bg", "a", "b"]).detect([image])
+    with pytest.raises(ValueError, match="class_names must name the background"):
+        DenseDetector(centernet.TinyCenterNet(1), ["square"])
+
+
 # -- black box ---------------------------------------------------------------------------------
 
 
